@@ -1,0 +1,2 @@
+//! QEMU harness placeholder.
+fn main() {}
