@@ -17,6 +17,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod silence_bench;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -57,7 +59,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (ingest, events, timing; default all); results go to BENCHMARKS.md.
+    /// Benchmarks (ingest, events, silence, killswitch, timing; default all); results go to BENCHMARKS.md.
     Bench { names: Vec<String> },
 }
 
@@ -266,14 +268,22 @@ fn vmtest(args: &[String]) -> Result<()> {
 
 fn bench(names: &[String]) -> Result<()> {
     setup(false)?;
-    let all = ["ingest", "events", "timing"];
+    let all = ["ingest", "events", "silence", "killswitch", "timing"];
     let chosen: Vec<&str> = if names.is_empty() { all.to_vec() } else { names.iter().map(String::as_str).collect() };
     let mut out = String::new();
     for name in chosen {
+        if name == "silence" {
+            build(true)?;
+            let text = silence_bench::run(&vigil_bin(true))?;
+            print!("{text}");
+            out.push_str(&format!("\n## silence\n\nCommand: `cargo xtask bench silence` (drives `target/release/vigil run`)\n\n{text}\n"));
+            continue;
+        }
         let (pkg, example, args): (&str, &str, &[&str]) = match name {
             "ingest" => ("vigil-drain", "bench_ingest", &["--conns", "16", "--frames", "200000"]),
             "events" => ("vigil-journal", "bench_events", &[]),
             "timing" => ("vigil-timing", "bench_slots", &[]),
+            "killswitch" => ("vigil-opcontrol", "bench_killswitch", &[]),
             other => bail!("unknown benchmark {other:?}; choose from {all:?}"),
         };
         let cmdline = format!("cargo run --release -p {pkg} --example {example} -- {}", args.join(" "));
