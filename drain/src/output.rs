@@ -1,0 +1,240 @@
+//! What crosses the drain thread's boundary: the items it hands off ([`DrainOutput`], with
+//! one [`GuestBatch`] per received chunk) and the commands it accepts ([`DrainCommand`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use vigil_wire::pb;
+
+use crate::cell::{CellInfo, CellSpec};
+use crate::stats::{CloseReason, RejectReason};
+
+/// Identity of one connection inside the drain: slot index and a generation, so a command for
+/// a connection that has closed (and whose slot was reused) is recognised as stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId {
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// One guest event, owning its strings and payload: copied once out of the receive buffer
+/// into a single allocation (type, op id, content type and payload back to back), so an
+/// event costs one allocation, not four.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GuestEvent {
+    pub guest_seq: u64,
+    pub guest_time_unix_nano: u64,
+    data: Box<[u8]>,
+    type_end: u32,
+    op_end: u32,
+    content_type_end: u32,
+}
+
+impl GuestEvent {
+    /// Copies the fields of a decoded event.
+    pub fn new(
+        guest_seq: u64,
+        event_type: &str,
+        op_id: &str,
+        content_type: &str,
+        payload: &[u8],
+        guest_time_unix_nano: u64,
+    ) -> Self {
+        let mut data =
+            Vec::with_capacity(event_type.len() + op_id.len() + content_type.len() + payload.len());
+        data.extend_from_slice(event_type.as_bytes());
+        let type_end = data.len() as u32;
+        data.extend_from_slice(op_id.as_bytes());
+        let op_end = data.len() as u32;
+        data.extend_from_slice(content_type.as_bytes());
+        let content_type_end = data.len() as u32;
+        data.extend_from_slice(payload);
+        Self {
+            guest_seq,
+            guest_time_unix_nano,
+            data: data.into_boxed_slice(),
+            type_end,
+            op_end,
+            content_type_end,
+        }
+    }
+
+    fn str_at(&self, start: u32, end: u32) -> &str {
+        let bytes = &self.data[start as usize..end as usize];
+        // SAFETY: the range holds exactly the bytes of a `&str` copied in `new`, so it is
+        // valid UTF-8 and starts and ends on character boundaries.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    }
+
+    /// CloudEvents `type` of the event.
+    pub fn event_type(&self) -> &str {
+        self.str_at(0, self.type_end)
+    }
+
+    /// "{trace_id}:{span_id}" of the event's operation, or empty.
+    pub fn op_id(&self) -> &str {
+        self.str_at(self.type_end, self.op_end)
+    }
+
+    /// MIME type of the payload.
+    pub fn content_type(&self) -> &str {
+        self.str_at(self.op_end, self.content_type_end)
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &[u8] {
+        &self.data[self.content_type_end as usize..]
+    }
+}
+
+impl std::fmt::Debug for GuestEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestEvent")
+            .field("guest_seq", &self.guest_seq)
+            .field("event_type", &self.event_type())
+            .field("op_id", &self.op_id())
+            .field("content_type", &self.content_type())
+            .field("payload_len", &self.payload().len())
+            .field("guest_time_unix_nano", &self.guest_time_unix_nano)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts a connection's batches that are in the hand-off channel or held by the consumer;
+/// dropping the batch gives the credit back. The drain stops receiving from a connection
+/// whose count reaches its quota, so one flooding guest cannot fill the whole channel.
+#[derive(Debug)]
+pub struct HandoffCredit(Arc<AtomicU32>);
+
+impl HandoffCredit {
+    pub(crate) fn take(counter: &Arc<AtomicU32>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for HandoffCredit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// The events decoded from one received chunk of one connection.
+#[derive(Debug)]
+pub struct GuestBatch {
+    pub conn: ConnId,
+    pub cell: Arc<CellInfo>,
+    /// The stream id from the connection's Hello.
+    pub stream_id: Arc<str>,
+    /// CLOCK_MONOTONIC ns when the chunk was taken from the completion queue.
+    pub received_mono_ns: u64,
+    /// Heartbeats in the chunk (they carry nothing but liveness).
+    pub heartbeats: u32,
+    pub events: Vec<GuestEvent>,
+    pub(crate) credit: Option<HandoffCredit>,
+}
+
+/// Where a refused connection came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// An AF_VSOCK peer, by CID (None when its address could not be read).
+    Vsock { cid: Option<u32> },
+    /// A hybrid-vsock listener path.
+    Unix { path: PathBuf },
+}
+
+/// Everything the drain hands to the rest of vigil, in order per connection.
+#[derive(Debug)]
+pub enum DrainOutput {
+    /// A connection was accepted and assigned to `cell`.
+    Connected { conn: ConnId, cell: Arc<CellInfo> },
+    /// The connection's Hello (claims are recorded, never used as identity).
+    Hello {
+        conn: ConnId,
+        cell: Arc<CellInfo>,
+        stream_id: Arc<str>,
+        protocol_version: u32,
+        agent_name: String,
+        agent_version: String,
+        claims: BTreeMap<String, String>,
+    },
+    /// Events of one received chunk.
+    Batch(GuestBatch),
+    /// A policy query to answer with `DrainCommand::PolicyDecision`.
+    PolicyQuery {
+        conn: ConnId,
+        cell: Arc<CellInfo>,
+        stream_id: Arc<str>,
+        query_id: u64,
+        op_id: String,
+        action: String,
+    },
+    /// The guest's executor timing report.
+    ExecutorStats {
+        conn: ConnId,
+        cell: Arc<CellInfo>,
+        stats: pb::ExecutorStats,
+    },
+    /// The connection is closed; nothing more comes from it.
+    Closed {
+        conn: ConnId,
+        cell: Arc<CellInfo>,
+        reason: CloseReason,
+    },
+    /// A connection was refused before being assigned to a cell.
+    Rejected { reason: RejectReason, peer: Peer },
+    /// An `AddCell` command could not be carried out (the cell is not registered).
+    CellError {
+        cell_id: String,
+        error: crate::event_loop::DrainError,
+    },
+}
+
+/// Commands into the drain loop (sent through [`crate::DrainCommander`]).
+#[derive(Debug)]
+pub enum DrainCommand {
+    /// Registers a cell (a cell with the same `cell_id` is replaced: its connections close).
+    AddCell(CellSpec),
+    /// Removes a cell: closes its listener (removing the socket file) and its connections.
+    RemoveCell { cell: String },
+    /// Tells the guest that every event of the connection's stream up to `durable_seq` is
+    /// durable.
+    Ack { conn: ConnId, durable_seq: u64 },
+    /// Answers a policy query.
+    PolicyDecision {
+        conn: ConnId,
+        query_id: u64,
+        decision: pb::policy_decision::Decision,
+        reason: String,
+    },
+    /// Sends one Error frame and closes the connection.
+    CloseConn {
+        conn: ConnId,
+        code: pb::error::Code,
+        message: String,
+    },
+    /// Closes every connection (sending SHUTTING_DOWN), delivers what is pending and stops.
+    Shutdown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_event_round_trips_its_fields_including_empty_and_multibyte() {
+        let e = GuestEvent::new(7, "dev.vigil.é", "", "text/plain", b"\x00\xffpayload", 99);
+        assert_eq!(e.guest_seq, 7);
+        assert_eq!(e.event_type(), "dev.vigil.é");
+        assert_eq!(e.op_id(), "");
+        assert_eq!(e.content_type(), "text/plain");
+        assert_eq!(e.payload(), b"\x00\xffpayload");
+        assert_eq!(e.guest_time_unix_nano, 99);
+        let empty = GuestEvent::new(1, "t", "a:b", "", &[], 0);
+        assert_eq!(empty.op_id(), "a:b");
+        assert_eq!(empty.content_type(), "");
+        assert!(empty.payload().is_empty());
+    }
+}
