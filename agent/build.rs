@@ -8,7 +8,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=VIGIL_EBPF_OBJECT");
     let object = std::env::var_os("VIGIL_EBPF_OBJECT").map_or_else(
         || {
-            let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
+            let manifest =
+                PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
             manifest.join("../target/bpfel-unknown-none/release/vigil-ebpf")
         },
         PathBuf::from,
@@ -16,6 +17,9 @@ fn main() {
     println!("cargo:rerun-if-changed={}", object.display());
     if object.is_file() {
         println!("cargo:rustc-cfg=vigil_ebpf");
-        println!("cargo:rustc-env=VIGIL_EBPF_OBJECT_PATH={}", object.display());
+        println!(
+            "cargo:rustc-env=VIGIL_EBPF_OBJECT_PATH={}",
+            object.display()
+        );
     }
 }

@@ -20,15 +20,31 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("creating the admin socket directory {path} failed: {source}")]
-    Dir { path: PathBuf, #[source] source: std::io::Error },
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("binding the admin socket {path} failed: {source}")]
-    Bind { path: PathBuf, #[source] source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("another vigil is already serving the admin socket {0}; stop it first")]
     InUse(PathBuf),
     #[error("connecting to vigil's admin socket {path} failed ({source}); is `vigil run` running with this socket?")]
-    Connect { path: PathBuf, #[source] source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("talking to vigil over {path} failed: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("vigil sent a reply that is not valid JSON: {0}")]
     BadReply(#[source] serde_json::Error),
     #[error("vigil refused the request: {0}")]
@@ -70,8 +86,16 @@ pub struct Reply {
 impl From<AdminReply> for Reply {
     fn from(r: AdminReply) -> Self {
         match r {
-            AdminReply::Ok(v) => Reply { ok: true, result: Some(v), error: None },
-            AdminReply::Err(e) => Reply { ok: false, result: None, error: Some(e) },
+            AdminReply::Ok(v) => Reply {
+                ok: true,
+                result: Some(v),
+                error: None,
+            },
+            AdminReply::Err(e) => Reply {
+                ok: false,
+                result: None,
+                error: Some(e),
+            },
         }
     }
 }
@@ -81,9 +105,16 @@ impl From<AdminReply> for Reply {
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, AdminError> {
     if let Some(dir) = path.parent() {
         if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(|source| AdminError::Dir { path: dir.to_path_buf(), source })?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(|source| AdminError::Dir { path: dir.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| AdminError::Dir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                |source| AdminError::Dir {
+                    path: dir.to_path_buf(),
+                    source,
+                },
+            )?;
         }
     }
     if path.exists() {
@@ -92,9 +123,16 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, AdminError> {
         }
         let _ = std::fs::remove_file(path);
     }
-    let l = tokio::net::UnixListener::bind(path).map_err(|source| AdminError::Bind { path: path.to_path_buf(), source })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|source| AdminError::Bind { path: path.to_path_buf(), source })?;
+    let l = tokio::net::UnixListener::bind(path).map_err(|source| AdminError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        AdminError::Bind {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
     Ok(l)
 }
 
@@ -102,7 +140,9 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, AdminError> {
 fn peer_allowed(stream: &tokio::net::UnixStream) -> bool {
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    stream.peer_cred().is_ok_and(|c| c.uid() == 0 || c.uid() == me)
+    stream
+        .peer_cred()
+        .is_ok_and(|c| c.uid() == 0 || c.uid() == me)
 }
 
 /// Serves one admin connection: each request line is handed to `submit`, whose answer is
@@ -121,7 +161,11 @@ where
     let mut line = String::new();
     loop {
         line.clear();
-        let n = match (&mut lines).take(MAX_REQUEST_BYTES as u64 + 1).read_line(&mut line).await {
+        let n = match (&mut lines)
+            .take(MAX_REQUEST_BYTES as u64 + 1)
+            .read_line(&mut line)
+            .await
+        {
             Ok(n) => n,
             Err(_) => return,
         };
@@ -129,11 +173,21 @@ where
             return;
         }
         let reply: Reply = if line.len() > MAX_REQUEST_BYTES {
-            Reply { ok: false, result: None, error: Some(format!("the request is longer than {MAX_REQUEST_BYTES} bytes")) }
+            Reply {
+                ok: false,
+                result: None,
+                error: Some(format!(
+                    "the request is longer than {MAX_REQUEST_BYTES} bytes"
+                )),
+            }
         } else {
             match serde_json::from_str::<Request>(line.trim_end()) {
                 Ok(req) => submit(req.into()).await.into(),
-                Err(e) => Reply { ok: false, result: None, error: Some(format!("the request is not one vigil understands: {e}")) },
+                Err(e) => Reply {
+                    ok: false,
+                    result: None,
+                    error: Some(format!("the request is not one vigil understands: {e}")),
+                },
             }
         };
         let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
@@ -146,9 +200,17 @@ where
 
 /// Sends one request and waits for its reply (the `vigil ctl` side).
 pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, AdminError> {
-    let io = |source| AdminError::Io { path: path.to_path_buf(), source };
-    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|source| AdminError::Connect { path: path.to_path_buf(), source })?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).map_err(io)?;
+    let io = |source| AdminError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut s =
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| AdminError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .map_err(io)?;
     let mut line = serde_json::to_vec(req).map_err(|e| io(std::io::Error::other(e)))?;
     line.push(b'\n');
     s.write_all(&line).map_err(io)?;
@@ -158,7 +220,9 @@ pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, AdminError>
     if reply.ok {
         Ok(reply.result.unwrap_or(serde_json::Value::Null))
     } else {
-        Err(AdminError::Refused(reply.error.unwrap_or_else(|| "no reason given".into())))
+        Err(AdminError::Refused(
+            reply.error.unwrap_or_else(|| "no reason given".into()),
+        ))
     }
 }
 
@@ -169,7 +233,14 @@ mod tests {
     #[test]
     fn requests_round_trip_as_json_lines() {
         let r = Request::CellAdd {
-            cell: CellConfig { cell_id: "a".into(), run_id: "r".into(), cid: Some(3), uds_path: None, keepalive_ms: 5, cgroup: None },
+            cell: CellConfig {
+                cell_id: "a".into(),
+                run_id: "r".into(),
+                cid: Some(3),
+                uds_path: None,
+                keepalive_ms: 5,
+                cgroup: None,
+            },
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.contains("\"op\":\"cell_add\""), "{s}");

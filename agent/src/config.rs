@@ -16,11 +16,22 @@ pub const DEFAULT_KEEPALIVE_MS: u64 = 10_000;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config file {path} failed: {source}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid: {source}")]
-    Parse { path: PathBuf, #[source] source: Box<toml::de::Error> },
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
     #[error("config file {path}: {problem}")]
-    Invalid { path: PathBuf, problem: ConfigProblem },
+    Invalid {
+        path: PathBuf,
+        problem: ConfigProblem,
+    },
 }
 
 /// A semantic problem in an otherwise well-formed config.
@@ -42,6 +53,8 @@ pub enum ConfigProblem {
     Signing(String),
     #[error("journal.sink must be \"journal\" or \"stdout\", not {0:?}")]
     Sink(String),
+    #[error("http.addr {0:?} is not an address like 127.0.0.1:9847 (empty disables the endpoint)")]
+    HttpAddr(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,6 +67,7 @@ pub struct Config {
     pub listen: Listen,
     pub admin: Admin,
     pub journal: Journal,
+    pub http: Http,
     /// Cells registered at start (more come from `vigil ctl cell add`).
     #[serde(rename = "cell")]
     pub cells: Vec<CellConfig>,
@@ -96,6 +110,37 @@ pub struct Journal {
     pub key_path: PathBuf,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// Address of the health/metrics endpoint; empty disables it.
+    pub addr: String,
+    /// Allow a non-loopback address (the endpoint has no authentication).
+    pub allow_non_loopback: bool,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self {
+            addr: vigil_health::http::DEFAULT_HTTP_ADDR.to_string(),
+            allow_non_loopback: false,
+        }
+    }
+}
+
+impl Http {
+    /// The parsed address, or None when disabled.
+    pub fn socket_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigProblem> {
+        if self.addr.is_empty() {
+            return Ok(None);
+        }
+        self.addr
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigProblem::HttpAddr(self.addr.clone()))
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CellConfig {
@@ -123,6 +168,7 @@ impl Default for Config {
             listen: Listen::default(),
             admin: Admin::default(),
             journal: Journal::default(),
+            http: Http::default(),
             cells: Vec::new(),
         }
     }
@@ -130,13 +176,19 @@ impl Default for Config {
 
 impl Default for Listen {
     fn default() -> Self {
-        Self { port: DEFAULT_PORT, vsock: true, max_frame_bytes: vigil_wire::frame::DEFAULT_MAX_FRAME_BYTES }
+        Self {
+            port: DEFAULT_PORT,
+            vsock: true,
+            max_frame_bytes: vigil_wire::frame::DEFAULT_MAX_FRAME_BYTES,
+        }
     }
 }
 
 impl Default for Admin {
     fn default() -> Self {
-        Self { socket: PathBuf::from("/run/vigil/admin.sock") }
+        Self {
+            socket: PathBuf::from("/run/vigil/admin.sock"),
+        }
     }
 }
 
@@ -155,7 +207,11 @@ impl Default for Journal {
 
 /// Whether a cell or run id is acceptable (it appears in paths, URIs and log lines).
 pub fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 impl CellConfig {
@@ -167,7 +223,9 @@ impl CellConfig {
         }
         match (self.cid, &self.uds_path) {
             (None, None) => return Err(ConfigProblem::CellNoAddress(self.cell_id.clone())),
-            (Some(_), Some(_)) => return Err(ConfigProblem::CellTwoAddresses(self.cell_id.clone())),
+            (Some(_), Some(_)) => {
+                return Err(ConfigProblem::CellTwoAddresses(self.cell_id.clone()))
+            }
             _ => {}
         }
         if self.keepalive_ms == 0 {
@@ -182,17 +240,29 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let (text, shown) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?,
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
                 p.to_path_buf(),
             ),
-            None => (DEFAULT_TOML.to_string(), PathBuf::from("<embedded defaults>")),
+            None => (
+                DEFAULT_TOML.to_string(),
+                PathBuf::from("<embedded defaults>"),
+            ),
         };
         Self::parse(&text, &shown)
     }
 
     pub fn parse(text: &str, shown: &Path) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: shown.to_path_buf(), source: Box::new(e) })?;
-        cfg.validate().map_err(|problem| ConfigError::Invalid { path: shown.to_path_buf(), problem })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: shown.to_path_buf(),
+            source: Box::new(e),
+        })?;
+        cfg.validate().map_err(|problem| ConfigError::Invalid {
+            path: shown.to_path_buf(),
+            problem,
+        })?;
         Ok(cfg)
     }
 
@@ -207,6 +277,7 @@ impl Config {
         if !matches!(self.journal.sink.as_str(), "journal" | "stdout") {
             return Err(ConfigProblem::Sink(self.journal.sink.clone()));
         }
+        self.http.socket_addr()?;
         let mut seen = std::collections::HashSet::new();
         for c in &self.cells {
             c.validate()?;
@@ -250,18 +321,32 @@ mod tests {
         let value: toml::Value = toml::Value::try_from(Config::default()).unwrap();
         let mut keys = Vec::new();
         collect_keys("", &value, &mut keys);
-        for k in ["cell.cell_id", "cell.run_id", "cell.cid", "cell.uds_path", "cell.keepalive_ms", "cell.cgroup"] {
+        for k in [
+            "cell.cell_id",
+            "cell.run_id",
+            "cell.cid",
+            "cell.uds_path",
+            "cell.keepalive_ms",
+            "cell.cgroup",
+        ] {
             keys.push(k.to_string());
         }
         for k in keys {
-            assert!(doc.contains(&format!("`{k}`")), "docs/config.md does not document `{k}`");
+            assert!(
+                doc.contains(&format!("`{k}`")),
+                "docs/config.md does not document `{k}`"
+            );
         }
     }
 
     fn collect_keys(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
         if let toml::Value::Table(t) = v {
             for (k, v) in t {
-                let name = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let name = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 if v.is_table() {
                     collect_keys(&name, v, out);
                 } else {
@@ -278,13 +363,18 @@ mod tests {
         assert!(e.to_string().contains("max_frame_bytes"), "{e}");
         let e = Config::parse("[[cell]]\ncell_id = \"a\"\nrun_id = \"r\"\n", p).unwrap_err();
         assert!(e.to_string().contains("neither"), "{e}");
-        let e = Config::parse("[[cell]]\ncell_id = \"a\"\nrun_id = \"r\"\ncid = 3\nuds_path = \"/x\"\n", p).unwrap_err();
+        let e = Config::parse(
+            "[[cell]]\ncell_id = \"a\"\nrun_id = \"r\"\ncid = 3\nuds_path = \"/x\"\n",
+            p,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("both"), "{e}");
         let e = Config::parse("bogus = 1\n", p).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = Config::parse("[journal]\nsigning = \"none\"\n", p).unwrap_err();
         assert!(e.to_string().contains("signing"), "{e}");
-        let e = Config::parse("[[cell]]\ncell_id = \"a/b\"\nrun_id = \"r\"\ncid = 3\n", p).unwrap_err();
+        let e =
+            Config::parse("[[cell]]\ncell_id = \"a/b\"\nrun_id = \"r\"\ncid = 3\n", p).unwrap_err();
         assert!(e.to_string().contains("a/b"), "{e}");
         let ok = Config::parse("[[cell]]\ncell_id = \"a\"\nrun_id = \"r\"\ncid = 3\n", p).unwrap();
         assert_eq!(ok.cells[0].keepalive_ms, DEFAULT_KEEPALIVE_MS);

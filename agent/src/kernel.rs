@@ -20,7 +20,8 @@ pub const PIN_DIR: &str = "/sys/fs/bpf/vigil";
 
 /// The eBPF object this binary was built with, if `cargo xtask build` built it first.
 #[cfg(vigil_ebpf)]
-pub static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(env!("VIGIL_EBPF_OBJECT_PATH")));
+pub static OBJECT: Option<&[u8]> =
+    Some(aya::include_bytes_aligned!(env!("VIGIL_EBPF_OBJECT_PATH")));
 #[cfg(not(vigil_ebpf))]
 pub static OBJECT: Option<&[u8]> = None;
 
@@ -31,23 +32,46 @@ pub enum KernelError {
     #[error("the kernel has no vsock tracepoint {0} (no virtio-vsock transport on this host?): vigil runs on without kernel evidence")]
     NoTracepoint(&'static str),
     #[error("the record layout of tracepoint {name} is not the one vigil's programs read (field {field} expected at offset {expected}, found {found:?}); kernel evidence is off")]
-    Layout { name: &'static str, field: &'static str, expected: usize, found: Option<usize> },
+    Layout {
+        name: &'static str,
+        field: &'static str,
+        expected: usize,
+        found: Option<usize>,
+    },
     #[error("loading vigil's eBPF object into the kernel failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no program or map named {0}")]
     Missing(&'static str),
     #[error("loading or attaching eBPF program {name} failed: {source}")]
-    Program { name: &'static str, #[source] source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("reading eBPF map {name} failed: {source}")]
-    Map { name: &'static str, #[source] source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("pinning {path} failed: {source}")]
-    Pin { path: PathBuf, #[source] source: aya::pin::PinError },
-    #[error("the attach link of {0} cannot be pinned on this kernel (no bpf_link for perf events)")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error(
+        "the attach link of {0} cannot be pinned on this kernel (no bpf_link for perf events)"
+    )]
     LinkNotPinnable(&'static str),
     #[error("{0}")]
     Sys(#[from] sys::SysError),
     #[error("removing {path} failed: {source}")]
-    Unpin { path: PathBuf, #[source] source: std::io::Error },
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One row of the per-peer table, folded over CPUs.
@@ -90,7 +114,11 @@ pub struct Probes {
 /// Checks that the tracepoint exists and that its record has the fields at the offsets the
 /// programs read. A kernel that moved a field must not feed garbage to the classifier.
 pub fn check_layout(tracefs: &Path, name: &'static str) -> Result<(), KernelError> {
-    let format = tracefs.join("events").join(TP_CATEGORY).join(name).join("format");
+    let format = tracefs
+        .join("events")
+        .join(TP_CATEGORY)
+        .join(name)
+        .join("format");
     let Ok(text) = std::fs::read_to_string(&format) else {
         return Err(KernelError::NoTracepoint(name));
     };
@@ -105,7 +133,12 @@ pub fn check_layout(tracefs: &Path, name: &'static str) -> Result<(), KernelErro
     for (field, offset) in expected {
         let found = field_offset(&text, field);
         if found != Some(offset) {
-            return Err(KernelError::Layout { name, field, expected: offset, found });
+            return Err(KernelError::Layout {
+                name,
+                field,
+                expected: offset,
+                found,
+            });
         }
     }
     Ok(())
@@ -154,22 +187,37 @@ impl Probes {
     /// Pins both maps and both links under `dir`, so they outlive this process.
     pub fn pin(mut self, dir: &Path) -> Result<(), KernelError> {
         sys::ensure_bpffs()?;
-        std::fs::create_dir_all(dir).map_err(|source| KernelError::Unpin { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| KernelError::Unpin {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         // Idempotent: a previous (or half-finished) pin is removed first.
         unpin(dir)?;
-        std::fs::create_dir_all(dir).map_err(|source| KernelError::Unpin { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| KernelError::Unpin {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         for name in [PEER_MAP, PEER_TX_MAP] {
             let map = self.ebpf.map(name).ok_or(KernelError::Missing(name))?;
             let path = dir.join(name);
-            map.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
+            map.pin(&path)
+                .map_err(|source| KernelError::Pin { path, source })?;
         }
         for name in [PROG_RECV, PROG_ALLOC] {
             let prog: &mut TracePoint = program(&mut self.ebpf, name)?;
-            let Some(link_id) = LINK_IDS.with(|ids| ids.borrow_mut().remove(name)) else { continue };
-            let link = prog.take_link(link_id).map_err(|source| KernelError::Program { name, source })?;
-            let fd_link: FdLink = link.try_into().map_err(|_| KernelError::LinkNotPinnable(name))?;
+            let Some(link_id) = LINK_IDS.with(|ids| ids.borrow_mut().remove(name)) else {
+                continue;
+            };
+            let link = prog
+                .take_link(link_id)
+                .map_err(|source| KernelError::Program { name, source })?;
+            let fd_link: FdLink = link
+                .try_into()
+                .map_err(|_| KernelError::LinkNotPinnable(name))?;
             let path = dir.join(format!("{name}_link"));
-            fd_link.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
+            fd_link
+                .pin(&path)
+                .map_err(|source| KernelError::Pin { path, source })?;
         }
         Ok(())
     }
@@ -183,13 +231,21 @@ std::thread_local! {
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, KernelError> {
     let prog = ebpf.program_mut(name).ok_or(KernelError::Missing(name))?;
-    prog.try_into().map_err(|source| KernelError::Program { name, source })
+    prog.try_into()
+        .map_err(|source| KernelError::Program { name, source })
 }
 
-fn attach(ebpf: &mut Ebpf, name: &'static str, tracepoint: &'static str) -> Result<(), KernelError> {
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    tracepoint: &'static str,
+) -> Result<(), KernelError> {
     let prog = program(ebpf, name)?;
-    prog.load().map_err(|source| KernelError::Program { name, source })?;
-    let id = prog.attach(TP_CATEGORY, tracepoint).map_err(|source| KernelError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| KernelError::Program { name, source })?;
+    let id = prog
+        .attach(TP_CATEGORY, tracepoint)
+        .map_err(|source| KernelError::Program { name, source })?;
     LINK_IDS.with(|ids| ids.borrow_mut().insert(name, id));
     Ok(())
 }
@@ -246,18 +302,32 @@ pub fn unpin(dir: &Path) -> Result<(), KernelError> {
     match std::fs::remove_dir(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(KernelError::Unpin { path: dir.to_path_buf(), source }),
+        Err(source) => Err(KernelError::Unpin {
+            path: dir.to_path_buf(),
+            source,
+        }),
     }
 }
 
 /// Prints a table for operators.
 pub fn print_table(title: &str, rows: &[PeerRow]) {
     println!("{title}: {} peer(s)", rows.len());
-    println!("{:>10} {:>10} {:>10} {:>10} {:>12} {:>5} {:>5} {:>16} {:>16}", "cid", "port", "local", "packets", "bytes", "rst", "shut", "last_data_ns", "last_any_ns");
+    println!(
+        "{:>10} {:>10} {:>10} {:>10} {:>12} {:>5} {:>5} {:>16} {:>16}",
+        "cid", "port", "local", "packets", "bytes", "rst", "shut", "last_data_ns", "last_any_ns"
+    );
     for r in rows {
         println!(
             "{:>10} {:>10} {:>10} {:>10} {:>12} {:>5} {:>5} {:>16} {:>16}",
-            r.cid, r.port, r.local_port, r.packets, r.bytes, r.rst, r.shutdown, r.last_data_ns, r.last_any_ns
+            r.cid,
+            r.port,
+            r.local_port,
+            r.packets,
+            r.bytes,
+            r.rst,
+            r.shutdown,
+            r.last_data_ns,
+            r.last_any_ns
         );
     }
 }
@@ -283,10 +353,24 @@ mod tests {
         std::fs::create_dir_all(&ev).unwrap();
         std::fs::write(ev.join("format"), FORMAT.replace("offset:30", "offset:32")).unwrap();
         let err = check_layout(dir.path(), TP_RECV).unwrap_err();
-        assert!(matches!(err, KernelError::Layout { field: "op", expected: 30, found: Some(32), .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                KernelError::Layout {
+                    field: "op",
+                    expected: 30,
+                    found: Some(32),
+                    ..
+                }
+            ),
+            "{err}"
+        );
         std::fs::write(ev.join("format"), FORMAT).unwrap();
         check_layout(dir.path(), TP_RECV).unwrap();
-        assert!(matches!(check_layout(dir.path(), TP_ALLOC), Err(KernelError::NoTracepoint(_))));
+        assert!(matches!(
+            check_layout(dir.path(), TP_ALLOC),
+            Err(KernelError::NoTracepoint(_))
+        ));
     }
 
     /// Root test: loads the real object into this kernel, attaches, reads the maps.
@@ -298,7 +382,10 @@ mod tests {
         }
         if OBJECT.is_none() {
             println!("SKIPPED root_loads_attaches_and_reads_the_real_object: built without the eBPF object (run `cargo xtask test`)");
-            assert!(std::env::var_os("VIGIL_REQUIRE_EBPF").is_none(), "VIGIL_REQUIRE_EBPF is set but the eBPF object was not embedded");
+            assert!(
+                std::env::var_os("VIGIL_REQUIRE_EBPF").is_none(),
+                "VIGIL_REQUIRE_EBPF is set but the eBPF object was not embedded"
+            );
             return;
         }
         let probes = Probes::load_and_attach().expect("load and attach on this kernel");
@@ -314,7 +401,10 @@ mod tests {
             .filter_map(Result::ok)
             .filter_map(|p| p.name_as_str().map(str::to_owned))
             .collect();
-        assert!(names.iter().any(|n| PROG_RECV.starts_with(n.as_str())), "{names:?}");
+        assert!(
+            names.iter().any(|n| PROG_RECV.starts_with(n.as_str())),
+            "{names:?}"
+        );
         drop(probes);
     }
 
@@ -323,14 +413,25 @@ mod tests {
     fn object_map_sizes_match_shared_structs() {
         let Some(object) = OBJECT else {
             println!("SKIPPED object_map_sizes_match_shared_structs: built without the eBPF object (run `cargo xtask test`)");
-            assert!(std::env::var_os("VIGIL_REQUIRE_EBPF").is_none(), "VIGIL_REQUIRE_EBPF is set but the eBPF object was not embedded");
+            assert!(
+                std::env::var_os("VIGIL_REQUIRE_EBPF").is_none(),
+                "VIGIL_REQUIRE_EBPF is set but the eBPF object was not embedded"
+            );
             return;
         };
         let obj = aya_obj_parse(object);
         for name in [PEER_MAP, PEER_TX_MAP] {
-            let (key, value, max) = obj.iter().find(|m| m.0 == name).map(|m| (m.1, m.2, m.3)).expect(name);
+            let (key, value, max) = obj
+                .iter()
+                .find(|m| m.0 == name)
+                .map(|m| (m.1, m.2, m.3))
+                .expect(name);
             assert_eq!(key as usize, vigil_common::PEER_KEY_SIZE, "{name} key");
-            assert_eq!(value as usize, vigil_common::PEER_STATS_SIZE, "{name} value");
+            assert_eq!(
+                value as usize,
+                vigil_common::PEER_STATS_SIZE,
+                "{name} value"
+            );
             assert_eq!(max, vigil_common::PEER_MAP_CAPACITY, "{name} capacity");
         }
     }

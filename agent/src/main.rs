@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod admin;
 mod config;
+mod health;
 mod kernel;
 mod reducer;
 mod registry;
@@ -15,7 +16,11 @@ mod silence;
 mod sys;
 
 #[derive(Parser, Debug)]
-#[command(name = "vigil", version, about = "Host-side agent for microVM fleets: drains guest telemetry over vsock into a signed, durable journal.")]
+#[command(
+    name = "vigil",
+    version,
+    about = "Host-side agent for microVM fleets: drains guest telemetry over vsock into a signed, durable journal."
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
@@ -48,6 +53,18 @@ enum Command {
     Tail(vigil_journal::TailArgs),
     /// Create an ed25519 host key (private key 0600, public key beside it as <path>.pub).
     Keygen(vigil_journal::KeygenArgs),
+    /// Live view of a running daemon (cells, silence, vigil's own tasks) from its HTTP endpoint.
+    Status {
+        /// The daemon's health/metrics address (`http.addr` in its config).
+        #[arg(long, default_value = vigil_health::http::DEFAULT_HTTP_ADDR)]
+        addr: std::net::SocketAddr,
+        /// Print once and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+    },
     /// Load vigil's eBPF programs without the daemon, to check a host kernel.
     Kernel {
         #[command(subcommand)]
@@ -125,8 +142,11 @@ enum KernelCommand {
 }
 
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -165,7 +185,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Emit(args) => {
             let report = vigil_wire::client::run_emit(&args)?;
             println!("{report}");
-            Ok(if report.error.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            Ok(if report.error.is_some() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Verify(args) => {
             vigil_journal::run_verify(&args)?;
@@ -180,6 +204,24 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Kernel { command } => kernel_cmd(&command),
+        Command::Status {
+            addr,
+            once,
+            interval,
+        } => {
+            loop {
+                let (health, entities) = vigil_health::status::fetch(addr)?;
+                let view = vigil_health::status::render(&entities, &health);
+                if once {
+                    print!("{view}");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                // Clear the screen and redraw.
+                print!("\x1b[2J\x1b[H{view}");
+                std::io::Write::flush(&mut std::io::stdout())?;
+                std::thread::sleep(std::time::Duration::from_secs(interval.max(1)));
+            }
+        }
     }
 }
 
@@ -189,8 +231,24 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Ping => (Request::Ping, true),
         CtlCommand::Peers { json } => (Request::Peers, json),
         CtlCommand::Cell { command } => match command {
-            CellCommand::Add { cell, run, cid, uds, keepalive_ms, cgroup } => (
-                Request::CellAdd { cell: config::CellConfig { cell_id: cell, run_id: run, cid, uds_path: uds, keepalive_ms, cgroup } },
+            CellCommand::Add {
+                cell,
+                run,
+                cid,
+                uds,
+                keepalive_ms,
+                cgroup,
+            } => (
+                Request::CellAdd {
+                    cell: config::CellConfig {
+                        cell_id: cell,
+                        run_id: run,
+                        cid,
+                        uds_path: uds,
+                        keepalive_ms,
+                        cgroup,
+                    },
+                },
                 true,
             ),
             CellCommand::Remove { cell } => (Request::CellRemove { cell_id: cell }, true),
@@ -210,15 +268,26 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
         kernel::print_table("guest → host", &rows);
     } else if list {
         let cells: Vec<serde_json::Value> = serde_json::from_value(result)?;
-        println!("{:<24} {:<24} {:<28} {:>8}", "cell", "run", "address", "conns");
+        println!(
+            "{:<24} {:<24} {:<28} {:>8}",
+            "cell", "run", "address", "conns"
+        );
         for c in cells {
-            let addr = c.get("cid").map_or_else(|| c.get("uds_path").map_or(String::new(), |p| p.as_str().unwrap_or("").to_string()), |cid| format!("cid {cid}"));
+            let addr = c.get("cid").map_or_else(
+                || {
+                    c.get("uds_path")
+                        .map_or(String::new(), |p| p.as_str().unwrap_or("").to_string())
+                },
+                |cid| format!("cid {cid}"),
+            );
             println!(
                 "{:<24} {:<24} {:<28} {:>8}",
                 c["cell_id"].as_str().unwrap_or(""),
                 c["run_id"].as_str().unwrap_or(""),
                 addr,
-                c.get("connections_open").and_then(serde_json::Value::as_u64).unwrap_or(0)
+                c.get("connections_open")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
             );
         }
     }
@@ -230,7 +299,10 @@ fn kernel_cmd(command: &KernelCommand) -> anyhow::Result<ExitCode> {
     match command {
         KernelCommand::Load { unpin: true } => {
             kernel::unpin(dir)?;
-            println!("removed vigil's pinned programs and maps from {}", dir.display());
+            println!(
+                "removed vigil's pinned programs and maps from {}",
+                dir.display()
+            );
         }
         KernelCommand::Load { unpin: false } => {
             sys::check_bpf_capabilities()?;
@@ -238,11 +310,20 @@ fn kernel_cmd(command: &KernelCommand) -> anyhow::Result<ExitCode> {
             kernel::print_table("guest → host", &probes.peers()?);
             kernel::print_table("host → guest", &probes.peers_tx()?);
             probes.pin(dir)?;
-            println!("attached and pinned under {} (remove with `vigil kernel load --unpin`)", dir.display());
+            println!(
+                "attached and pinned under {} (remove with `vigil kernel load --unpin`)",
+                dir.display()
+            );
         }
         KernelCommand::Peers => {
-            kernel::print_table("guest → host", &kernel::read_pinned(dir, vigil_common::PEER_MAP)?);
-            kernel::print_table("host → guest", &kernel::read_pinned(dir, vigil_common::PEER_TX_MAP)?);
+            kernel::print_table(
+                "guest → host",
+                &kernel::read_pinned(dir, vigil_common::PEER_MAP)?,
+            );
+            kernel::print_table(
+                "host → guest",
+                &kernel::read_pinned(dir, vigil_common::PEER_TX_MAP)?,
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

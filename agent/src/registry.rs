@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{CellConfig, ConfigProblem};
 
-/// Most cells one vigil tracks. A 2-core host runs at most a few thousand microVMs; the
-/// drain's per-cell slots and the hybrid listeners are sized from this. Registering one more
-/// is refused with a sentence (the launcher sees it), never silently dropped.
-pub const MAX_CELLS: usize = 16_384;
+/// Most cells one vigil tracks: the drain's capacity (a 2-core host runs at most a few
+/// thousand microVMs). Registering one more is refused with a sentence (the launcher sees
+/// it), never silently dropped.
+pub const MAX_CELLS: usize = vigil_drain::MAX_CELLS;
 
 const FILE_NAME: &str = "cells.json";
 
@@ -30,9 +30,17 @@ pub enum RegistryError {
     #[error("the registry is full ({MAX_CELLS} cells); remove a cell first")]
     Full,
     #[error("writing the registry to {path} failed: {source}")]
-    Persist { path: PathBuf, #[source] source: std::io::Error },
+    Persist {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the persisted registry {path} is unreadable ({source}); move it aside to start with the config's cells only")]
-    Restore { path: PathBuf, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Restore {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// What a registration did, so the caller can end and start runs.
@@ -76,12 +84,18 @@ impl Registry {
         for other in self.cells.values().filter(|o| o.cell_id != cell.cell_id) {
             if let (Some(a), Some(b)) = (cell.cid, other.cid) {
                 if a == b {
-                    return Err(RegistryError::CidTaken { cid: a, other: other.cell_id.clone() });
+                    return Err(RegistryError::CidTaken {
+                        cid: a,
+                        other: other.cell_id.clone(),
+                    });
                 }
             }
             if let (Some(a), Some(b)) = (&cell.uds_path, &other.uds_path) {
                 if a == b {
-                    return Err(RegistryError::PathTaken { path: a.clone(), other: other.cell_id.clone() });
+                    return Err(RegistryError::PathTaken {
+                        path: a.clone(),
+                        other: other.cell_id.clone(),
+                    });
                 }
             }
         }
@@ -107,7 +121,9 @@ impl Registry {
     }
 
     pub fn remove(&mut self, cell_id: &str) -> Result<CellConfig, RegistryError> {
-        self.cells.remove(cell_id).ok_or_else(|| RegistryError::Unknown(cell_id.to_string()))
+        self.cells
+            .remove(cell_id)
+            .ok_or_else(|| RegistryError::Unknown(cell_id.to_string()))
     }
 
     /// The persisted registry in `state_dir`, or an empty one if none was saved yet.
@@ -115,23 +131,35 @@ impl Registry {
         let path = state_dir.join(FILE_NAME);
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let cells: Vec<CellConfig> = serde_json::from_slice(&bytes)
-                    .map_err(|e| RegistryError::Restore { path: path.clone(), source: Box::new(e) })?;
+                let cells: Vec<CellConfig> =
+                    serde_json::from_slice(&bytes).map_err(|e| RegistryError::Restore {
+                        path: path.clone(),
+                        source: Box::new(e),
+                    })?;
                 let mut reg = Registry::default();
                 for c in cells {
-                    reg.upsert(c).map_err(|e| RegistryError::Restore { path: path.clone(), source: Box::new(e) })?;
+                    reg.upsert(c).map_err(|e| RegistryError::Restore {
+                        path: path.clone(),
+                        source: Box::new(e),
+                    })?;
                 }
                 Ok(reg)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
-            Err(e) => Err(RegistryError::Restore { path, source: Box::new(e) }),
+            Err(e) => Err(RegistryError::Restore {
+                path,
+                source: Box::new(e),
+            }),
         }
     }
 
     /// Writes the registry atomically (temporary file, fsync, rename, fsync of the directory).
     pub fn persist(&self, state_dir: &Path) -> Result<(), RegistryError> {
         let path = state_dir.join(FILE_NAME);
-        let err = |source| RegistryError::Persist { path: path.clone(), source };
+        let err = |source| RegistryError::Persist {
+            path: path.clone(),
+            source,
+        };
         std::fs::create_dir_all(state_dir).map_err(err)?;
         let tmp = state_dir.join(format!("{FILE_NAME}.tmp"));
         let cells: Vec<&CellConfig> = self.cells.values().collect();
@@ -140,7 +168,9 @@ impl Registry {
         f.write_all(&bytes).map_err(err)?;
         f.sync_all().map_err(err)?;
         std::fs::rename(&tmp, &path).map_err(err)?;
-        std::fs::File::open(state_dir).and_then(|d| d.sync_all()).map_err(err)?;
+        std::fs::File::open(state_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
         Ok(())
     }
 }
@@ -150,19 +180,44 @@ mod tests {
     use super::*;
 
     fn cell(id: &str, run: &str, cid: Option<u32>, uds: Option<&str>) -> CellConfig {
-        CellConfig { cell_id: id.into(), run_id: run.into(), cid, uds_path: uds.map(PathBuf::from), keepalive_ms: 10_000, cgroup: None }
+        CellConfig {
+            cell_id: id.into(),
+            run_id: run.into(),
+            cid,
+            uds_path: uds.map(PathBuf::from),
+            keepalive_ms: 10_000,
+            cgroup: None,
+        }
     }
 
     #[test]
     fn upsert_reports_what_changed() {
         let mut r = Registry::default();
-        assert!(matches!(r.upsert(cell("a", "r1", Some(3), None)).unwrap(), Change::Added(_)));
-        assert_eq!(r.upsert(cell("a", "r1", Some(3), None)).unwrap(), Change::Unchanged);
-        assert!(matches!(r.upsert(cell("a", "r2", Some(3), None)).unwrap(), Change::NewRun { .. }));
-        assert!(matches!(r.upsert(cell("a", "r2", Some(4), None)).unwrap(), Change::Updated { .. }));
-        assert!(matches!(r.upsert(cell("b", "r1", Some(4), None)), Err(RegistryError::CidTaken { cid: 4, .. })));
+        assert!(matches!(
+            r.upsert(cell("a", "r1", Some(3), None)).unwrap(),
+            Change::Added(_)
+        ));
+        assert_eq!(
+            r.upsert(cell("a", "r1", Some(3), None)).unwrap(),
+            Change::Unchanged
+        );
+        assert!(matches!(
+            r.upsert(cell("a", "r2", Some(3), None)).unwrap(),
+            Change::NewRun { .. }
+        ));
+        assert!(matches!(
+            r.upsert(cell("a", "r2", Some(4), None)).unwrap(),
+            Change::Updated { .. }
+        ));
+        assert!(matches!(
+            r.upsert(cell("b", "r1", Some(4), None)),
+            Err(RegistryError::CidTaken { cid: 4, .. })
+        ));
         r.upsert(cell("c", "r1", None, Some("/x"))).unwrap();
-        assert!(matches!(r.upsert(cell("d", "r1", None, Some("/x"))), Err(RegistryError::PathTaken { .. })));
+        assert!(matches!(
+            r.upsert(cell("d", "r1", None, Some("/x"))),
+            Err(RegistryError::PathTaken { .. })
+        ));
         assert!(matches!(r.remove("zz"), Err(RegistryError::Unknown(_))));
         assert_eq!(r.remove("a").unwrap().run_id, "r2");
     }
@@ -173,7 +228,8 @@ mod tests {
         assert!(Registry::restore(dir.path()).unwrap().is_empty());
         let mut r = Registry::default();
         r.upsert(cell("a", "r1", Some(3), None)).unwrap();
-        r.upsert(cell("b", "r9", None, Some("/run/b.vsock"))).unwrap();
+        r.upsert(cell("b", "r9", None, Some("/run/b.vsock")))
+            .unwrap();
         r.persist(dir.path()).unwrap();
         assert_eq!(Registry::restore(dir.path()).unwrap(), r);
         std::fs::write(dir.path().join(FILE_NAME), b"{not json").unwrap();

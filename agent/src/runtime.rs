@@ -16,31 +16,104 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{CellConfig, Config};
 use crate::kernel::Probes;
-use crate::reducer::{self, AdminReply, AdminRequest, Effect, Event, State};
+use crate::reducer::{
+    self, AdminReply, AdminRequest, Effect, Event, Observed, SilenceRecord, State,
+};
 use crate::registry::Registry;
+use crate::silence;
 use crate::sys;
 
-/// Capacity of the journal's input queue, in batches (one batch per received chunk, up to a
-/// few dozen events each). 1,024 batches are a few hundred milliseconds of peak ingest: enough
-/// to ride out one slow fsync; beyond that the forwarder blocks, the drain's hand-off fills,
-/// and back-pressure reaches the guests — nothing is dropped.
-pub const JOURNAL_INPUT_CAPACITY: usize = 1_024;
+/// Cells whose next frame the forwarder must report (silenced runs awaiting `agent_resumed`).
+/// The forwarder checks `count` first, so with no silenced cell it never takes the lock.
+#[derive(Default)]
+pub struct ResumeWatch {
+    count: std::sync::atomic::AtomicUsize,
+    cells: std::sync::Mutex<std::collections::HashSet<String>>,
+}
 
-/// Names of vigil's own tasks in the timing table.
-pub const TASKS: [&str; 4] = ["drain", "journal", "forward", "reducer"];
+impl ResumeWatch {
+    fn set(&self, cell: &str, watch: bool) {
+        let mut cells = self
+            .cells
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if watch {
+            cells.insert(cell.to_string());
+        } else {
+            cells.remove(cell);
+        }
+        self.count
+            .store(cells.len(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether `cell` is watched; if so, stops watching it (the reducer is told once).
+    fn take(&self, cell: &str) -> bool {
+        if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return false;
+        }
+        let mut cells = self
+            .cells
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let hit = cells.remove(cell);
+        self.count
+            .store(cells.len(), std::sync::atomic::Ordering::Release);
+        hit
+    }
+}
 
 /// Everything the applier needs to carry out effects.
 struct Applier {
     probes: Option<Probes>,
     drain: vigil_drain::DrainCommander,
+    journal: crossbeam_channel::Sender<Vec<vigil_journal::EventIn>>,
+    resume: Arc<ResumeWatch>,
+    port: u32,
     state_dir: PathBuf,
     pending: HashMap<reducer::RequestId, oneshot::Sender<AdminReply>>,
     slots: HashMap<String, Arc<vigil_drain::CellSlot>>,
+    drain_stats: Arc<vigil_drain::DrainStats>,
+    health: Arc<crate::health::Source>,
 }
 
 impl Applier {
-    fn apply(&mut self, effect: Effect) {
+    /// Carries out one effect; some produce events the reducer must see next.
+    fn apply(&mut self, effect: Effect, follow_up: &mut Vec<Event>) {
         match effect {
+            Effect::GatherFacts(cells) => self.gather(cells, follow_up),
+            Effect::Emit(ev) => {
+                match ev.event_type {
+                    silence::TYPE_SILENCED | silence::TYPE_STALLED => {
+                        let class = match ev.data["class"].as_str() {
+                            Some("disconnected") => "disconnected",
+                            Some("guest_silent") => "guest_silent",
+                            _ => "host_stalled",
+                        };
+                        self.health.silence(&ev.cell_id, ev.event_type, Some(class));
+                    }
+                    silence::TYPE_RESUMED => self.health.silence(&ev.cell_id, ev.event_type, None),
+                    _ => {}
+                }
+                let data = serde_json::to_vec(&ev.data).unwrap_or_default();
+                let input = vigil_journal::EventIn {
+                    token: 0,
+                    cell_id: ev.cell_id.into(),
+                    run_id: ev.run_id.into(),
+                    stream_id: None,
+                    guest_seq: None,
+                    event_type: ev.event_type.to_string(),
+                    op_id: None,
+                    content_type: "application/json".into(),
+                    data,
+                    guest_time_unix_nano: None,
+                    recv_time_unix_nano: unix_nanos(),
+                    claims: None,
+                };
+                if self.journal.send(vec![input]).is_err() {
+                    tracing::error!("the journal stopped: could not record {}", ev.event_type);
+                }
+            }
+            Effect::WatchResume { cell_id, watch } => self.resume.set(&cell_id, watch),
             Effect::Reply { id, reply } => {
                 if let Some(tx) = self.pending.remove(&id) {
                     let _ = tx.send(reply);
@@ -48,7 +121,10 @@ impl Applier {
             }
             Effect::ReplyWithPeers { id } => {
                 let reply = match &self.probes {
-                    None => AdminReply::Err("kernel evidence is off on this host (see vigil's start-up log for why)".into()),
+                    None => AdminReply::Err(
+                        "kernel evidence is off on this host (see vigil's start-up log for why)"
+                            .into(),
+                    ),
                     Some(p) => match p.peers() {
                         Ok(rows) => AdminReply::Ok(serde_json::to_value(rows).unwrap_or_default()),
                         Err(e) => AdminReply::Err(e.to_string()),
@@ -61,12 +137,19 @@ impl Applier {
             Effect::DrainAddCell(cell) => {
                 let spec = self.spec(&cell);
                 if let Err(e) = self.drain.send(vigil_drain::DrainCommand::AddCell(spec)) {
-                    tracing::error!("could not register cell {} with the drain: {e}", cell.cell_id);
+                    tracing::error!(
+                        "could not register cell {} with the drain: {e}",
+                        cell.cell_id
+                    );
                 }
             }
             Effect::DrainRemoveCell(cell) => {
                 self.slots.remove(&cell);
-                if let Err(e) = self.drain.send(vigil_drain::DrainCommand::RemoveCell { cell: cell.clone() }) {
+                self.health.remove_cell(&cell);
+                if let Err(e) = self
+                    .drain
+                    .send(vigil_drain::DrainCommand::RemoveCell { cell: cell.clone() })
+                {
                     tracing::error!("could not remove cell {cell} from the drain: {e}");
                 }
             }
@@ -80,10 +163,49 @@ impl Applier {
         }
     }
 
+    /// Reads, for cells whose deadline came, the last-frame stamp (atomics the drain writes),
+    /// the kernel's per-peer table (once for all of them), and the drain's last loop run.
+    fn gather(&self, cells: Vec<(String, Option<u32>)>, follow_up: &mut Vec<Event>) {
+        let rows = self.probes.as_ref().and_then(|p| match p.peers() {
+            Ok(rows) => Some(rows),
+            Err(e) => {
+                tracing::warn!("reading the kernel's per-peer table failed: {e}");
+                None
+            }
+        });
+        let drain_last_run_ns = self.drain_stats.last_loop_mono_ns();
+        for (cell_id, cid) in cells {
+            let last_frame_ns = self.slots.get(&cell_id).map_or(0, |s| {
+                s.last_frame_mono_ns
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            });
+            let kernel = match (cid, &rows) {
+                (Some(cid), Some(rows)) => silence::kernel_evidence(rows, cid, self.port),
+                _ => silence::KernelEvidence::None,
+            };
+            follow_up.push(Event::Observed {
+                cell_id,
+                observed: Observed {
+                    last_frame_ns,
+                    kernel,
+                    drain_last_run_ns,
+                },
+            });
+        }
+    }
+
     fn spec(&mut self, cell: &CellConfig) -> vigil_drain::CellSpec {
         let slot = vigil_drain::CellSlot::shared();
         self.slots.insert(cell.cell_id.clone(), Arc::clone(&slot));
-        vigil_drain::CellSpec { cell_id: cell.cell_id.clone(), run_id: cell.run_id.clone(), cid: cell.cid, uds_path: cell.uds_path.clone(), slot }
+        self.health
+            .set_cell(&cell.cell_id, &cell.run_id, Arc::clone(&slot));
+        vigil_drain::CellSpec {
+            cell_id: cell.cell_id.clone(),
+            run_id: cell.run_id.clone(),
+            cid: cell.cid,
+            uds_path: cell.uds_path.clone(),
+            slot,
+        }
     }
 }
 
@@ -95,7 +217,11 @@ fn load_probes() -> Option<Probes> {
     }
     match Probes::load_and_attach() {
         Ok(p) => {
-            tracing::info!("eBPF programs attached to vsock:{} and vsock:{}", vigil_common::TP_RECV, vigil_common::TP_ALLOC);
+            tracing::info!(
+                "eBPF programs attached to vsock:{} and vsock:{}",
+                vigil_common::TP_RECV,
+                vigil_common::TP_ALLOC
+            );
             Some(p)
         }
         Err(e) => {
@@ -109,22 +235,39 @@ fn load_probes() -> Option<Probes> {
 fn initial_registry(cfg: &Config) -> anyhow::Result<Registry> {
     let mut reg = Registry::restore(&cfg.state_dir)?;
     for c in &cfg.cells {
-        reg.upsert(c.clone()).with_context(|| format!("cell {} from the config file", c.cell_id))?;
+        reg.upsert(c.clone())
+            .with_context(|| format!("cell {} from the config file", c.cell_id))?;
     }
     reg.persist(&cfg.state_dir)?;
     Ok(reg)
 }
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let started_ns = sys::monotonic_ns();
     let nofile = sys::raise_nofile()?;
     tracing::info!("open-file limit {nofile}");
-    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
     let registry = initial_registry(&cfg)?;
     let probes = load_probes();
 
+    let timing = vigil_timing::SlotTable::new(vigil_timing::DEFAULT_TABLE_SLOTS)?;
+    // Silence facts already on record (fire-once across restarts), read before the journal
+    // starts writing again.
+    let record = silence_record(&cfg.journal.dir);
+    if !record.fired.is_empty() {
+        tracing::info!(
+            "{} run(s) already silenced on record; they will not be reported again",
+            record.fired.len()
+        );
+    }
     // Journal first: nothing is accepted before events can be made durable.
     let key = vigil_journal::HostKey::load_or_create(&cfg.key_path())?;
-    tracing::info!("host key {} (public key {})", key.key_id(), vigil_journal::HostKey::public_key_path(&cfg.key_path()).display());
+    tracing::info!(
+        "host key {} (public key {})",
+        key.key_id(),
+        vigil_journal::HostKey::public_key_path(&cfg.key_path()).display()
+    );
     let journal = vigil_journal::spawn(journal_config(&cfg), key)?;
 
     let drain_cfg = vigil_drain::DrainConfig {
@@ -139,7 +282,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .map(|c| {
             let slot = vigil_drain::CellSlot::shared();
             applier_slots.insert(c.cell_id.clone(), Arc::clone(&slot));
-            vigil_drain::CellSpec { cell_id: c.cell_id.clone(), run_id: c.run_id.clone(), cid: c.cid, uds_path: c.uds_path.clone(), slot }
+            vigil_drain::CellSpec {
+                cell_id: c.cell_id.clone(),
+                run_id: c.run_id.clone(),
+                cid: c.cid,
+                uds_path: c.uds_path.clone(),
+                slot,
+            }
         })
         .collect();
     let drain = vigil_drain::spawn(drain_cfg, specs).context("starting the drain loop")?;
@@ -147,27 +296,125 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::warn!("no AF_VSOCK listener: {e}; hybrid-vsock cells are still served");
     }
 
+    let health = Arc::new(crate::health::Source::new(
+        cfg.host_name(),
+        started_ns,
+        timing.clone(),
+        Arc::clone(&journal.health),
+    ));
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(reducer::EVENT_CHANNEL_CAPACITY);
+    let resume = Arc::new(ResumeWatch::default());
     let forward = {
+        let resume = Arc::clone(&resume);
+        let health = Arc::clone(&health);
+        let slot = timing.register_writer("forward")?;
         let outputs = drain.outputs().clone();
         let commander = drain.commander();
         let input = journal.input.clone();
         let acks = journal.acks.clone();
         let ev_tx = ev_tx.clone();
-        std::thread::Builder::new().name("vigil-forward".into()).spawn(move || forward(&outputs, &acks, &input, &commander, &ev_tx))?
+        std::thread::Builder::new()
+            .name("vigil-forward".into())
+            .spawn(move || {
+                forward(
+                    &outputs, &acks, &input, &commander, &ev_tx, &resume, &health, slot,
+                )
+            })?
     };
 
-    let applier = Applier { probes, drain: drain.commander(), state_dir: cfg.state_dir.clone(), pending: HashMap::new(), slots: applier_slots };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    drop(ev_tx);
+    for c in registry.iter() {
+        if let Some(slot) = applier_slots.get(&c.cell_id) {
+            health.set_cell(&c.cell_id, &c.run_id, Arc::clone(slot));
+        }
+    }
+    let applier = Applier {
+        probes,
+        drain: drain.commander(),
+        journal: journal.input.clone(),
+        resume,
+        port: cfg.listen.port,
+        state_dir: cfg.state_dir.clone(),
+        pending: HashMap::new(),
+        slots: applier_slots,
+        drain_stats: Arc::clone(drain.stats()),
+        health: Arc::clone(&health),
+    };
+    let (state, start_effects) = State::new(registry, &record, sys::monotonic_ns());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let admin_listener = rt.block_on(async { crate::admin::bind(&cfg.admin.socket) })?;
     tracing::info!("admin socket {}", cfg.admin.socket.display());
-    rt.block_on(control(State::new(registry), applier, ev_tx, ev_rx, admin_listener))?;
+    let http = match cfg.http.socket_addr()? {
+        None => None,
+        Some(addr) => {
+            let source: Arc<dyn vigil_health::model::HealthSource> = health.clone();
+            let conf = vigil_health::http::HttpConfig {
+                addr,
+                allow_non_loopback: cfg.http.allow_non_loopback,
+            };
+            let server = rt.block_on(vigil_health::http::HttpServer::bind(
+                &conf,
+                source,
+                Arc::new(sys::monotonic_ns),
+            ))?;
+            tracing::info!("health and metrics on http://{}", server.local_addr());
+            Some(server)
+        }
+    };
+    health
+        .ready
+        .store(true, std::sync::atomic::Ordering::Release);
+    let notifier = Arc::new(
+        vigil_health::notify::Notifier::from_env().unwrap_or_else(|e| {
+            tracing::warn!("systemd notification is off: {e}");
+            vigil_health::notify::Notifier::disabled()
+        }),
+    );
+    let _ = notifier.ready();
+    if let Some(every) = vigil_health::notify::watchdog_interval() {
+        let n = Arc::clone(&notifier);
+        let h = Arc::clone(&health);
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                // The watchdog is fed only while the control loop and the journal are sound.
+                if !h.journal.is_degraded() {
+                    let _ = n.watchdog();
+                }
+            }
+        });
+    }
+    let reducer_slot = timing.register_writer("reducer")?;
+    rt.block_on(control(
+        state,
+        applier,
+        start_effects,
+        ev_rx,
+        admin_listener,
+        reducer_slot,
+    ))?;
+    let _ = notifier.stopping();
+    if let Some(server) = http {
+        rt.block_on(server.shutdown());
+    }
 
     // Orderly shutdown: the drain stops accepting and hands off what it holds; the forwarder
     // passes it to the journal; the journal makes it durable and stops.
     tracing::info!("stopping");
-    drain.shutdown().context("stopping the drain loop")?;
+    let leftovers = drain.shutdown().context("stopping the drain loop")?;
     let _ = forward.join();
+    // Batches the drain could not hand off before it stopped still become durable (they were
+    // never acked, but nothing received is thrown away).
+    for out in leftovers {
+        if let vigil_drain::DrainOutput::Batch(batch) = out {
+            let events = to_events(&batch, None);
+            if !events.is_empty() {
+                let _ = journal.input.send(events);
+            }
+        }
+    }
     journal.shutdown().context("stopping the journal")?;
     let _ = std::fs::remove_file(&cfg.admin.socket);
     tracing::info!("stopped cleanly");
@@ -176,8 +423,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
 fn journal_config(cfg: &Config) -> vigil_journal::JournalConfig {
     vigil_journal::JournalConfig {
-        signing: if cfg.journal.signing == "per-event" { vigil_journal::SigningMode::PerEvent } else { vigil_journal::SigningMode::Batch },
-        sink: if cfg.journal.sink == "stdout" { vigil_journal::Sink::Stdout } else { vigil_journal::Sink::Segments },
+        signing: if cfg.journal.signing == "per-event" {
+            vigil_journal::SigningMode::PerEvent
+        } else {
+            vigil_journal::SigningMode::Batch
+        },
+        sink: if cfg.journal.sink == "stdout" {
+            vigil_journal::Sink::Stdout
+        } else {
+            vigil_journal::Sink::Segments
+        },
         segment_bytes: cfg.journal.segment_bytes,
         retention_bytes: (cfg.journal.retention_bytes > 0).then_some(cfg.journal.retention_bytes),
         ..vigil_journal::JournalConfig::new(cfg.journal.dir.clone(), cfg.host_name())
@@ -189,12 +444,17 @@ fn token(conn: vigil_drain::ConnId) -> u64 {
 }
 
 fn conn_of(token: u64) -> vigil_drain::ConnId {
-    vigil_drain::ConnId { slot: token as u32, generation: (token >> 32) as u32 }
+    vigil_drain::ConnId {
+        slot: token as u32,
+        generation: (token >> 32) as u32,
+    }
 }
 
 /// Wall-clock ns since the Unix epoch (host receive time stamped on events).
 fn unix_nanos() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// The forwarder: drain outputs → journal input (and control events → reducer); journal
@@ -205,9 +465,13 @@ fn forward(
     input: &crossbeam_channel::Sender<Vec<vigil_journal::EventIn>>,
     drain: &vigil_drain::DrainCommander,
     ev_tx: &mpsc::Sender<Event>,
+    resume: &ResumeWatch,
+    health: &crate::health::Source,
+    mut slot: vigil_timing::SlotWriter,
 ) {
     use vigil_drain::DrainOutput as O;
-    let mut claims: HashMap<vigil_drain::ConnId, Arc<std::collections::BTreeMap<String, String>>> = HashMap::new();
+    slot.start(sys::monotonic_ns());
+    let mut claims: HashMap<vigil_drain::ConnId, Claims> = HashMap::new();
     let to_reducer = |e: Event| {
         let _ = ev_tx.blocking_send(e);
     };
@@ -217,31 +481,18 @@ fn forward(
                 let Ok(out) = out else { break };
                 match out {
                     O::Batch(batch) => {
-                        let recv_time = unix_nanos();
-                        let c = claims.get(&batch.conn).cloned();
-                        let events: Vec<vigil_journal::EventIn> = batch
-                            .events
-                            .iter()
-                            .map(|e| vigil_journal::EventIn {
-                                token: token(batch.conn),
-                                cell_id: Arc::clone(&batch.cell.cell_id),
-                                run_id: Arc::clone(&batch.cell.run_id),
-                                stream_id: Some(Arc::clone(&batch.stream_id)),
-                                guest_seq: Some(e.guest_seq),
-                                event_type: e.event_type.clone(),
-                                op_id: (!e.op_id.is_empty()).then(|| e.op_id.clone()),
-                                content_type: e.content_type.clone(),
-                                data: e.payload.clone(),
-                                guest_time_unix_nano: (e.guest_time_unix_nano != 0).then_some(e.guest_time_unix_nano),
-                                recv_time_unix_nano: recv_time,
-                                claims: c.clone(),
-                            })
-                            .collect();
+                        let t0 = sys::monotonic_ns();
+                        if resume.take(&batch.cell.cell_id) {
+                            to_reducer(Event::Activity { cell_id: batch.cell.cell_id.to_string() });
+                        }
+                        let events = to_events(&batch, claims.get(&batch.conn).cloned());
                         drop(batch);
                         if !events.is_empty() && input.send(events).is_err() {
                             tracing::error!("the journal stopped; no more events can be made durable");
+                            slot.error(sys::monotonic_ns());
                             break;
                         }
+                        slot.time(t0, sys::monotonic_ns());
                     }
                     O::Hello { conn, claims: cl, .. } => {
                         claims.insert(conn, Arc::new(cl));
@@ -249,34 +500,91 @@ fn forward(
                     O::Connected { cell, .. } => to_reducer(Event::Connected { cell_id: cell.cell_id.to_string() }),
                     O::Closed { conn, cell, reason } => {
                         claims.remove(&conn);
+                        health.metrics.connection_closed(reason.name());
                         to_reducer(Event::Closed { cell_id: cell.cell_id.to_string(), reason: reason.name() });
                     }
-                    O::Rejected { reason, peer } => to_reducer(Event::Rejected { reason: reason.name(), peer: format!("{peer:?}") }),
+                    O::Rejected { reason, peer } => {
+                        health.metrics.reject(reason.name());
+                        to_reducer(Event::Rejected { reason: reason.name(), peer: format!("{peer:?}") });
+                    }
+                    O::CellError { cell_id, error } => tracing::error!("the drain could not register cell {cell_id}: {error}"),
                     O::PolicyQuery { .. } | O::ExecutorStats { .. } => {}
                 }
             }
             recv(acks) -> a => {
                 let Ok(a) = a else { break };
+                health.metrics.acks_sent(a.len() as u64);
                 for ack in a {
                     let _ = drain.send(vigil_drain::DrainCommand::Ack { conn: conn_of(ack.token), durable_seq: ack.durable_seq });
                 }
             }
         }
     }
+    slot.stop(sys::monotonic_ns());
 }
 
-/// The control loop: reducer + applier + admin socket, until SIGINT or SIGTERM.
+type Claims = Arc<std::collections::BTreeMap<String, String>>;
+
+/// The journal's input for one received chunk: host stamps (cell and run from the accepting
+/// socket, receive time) beside the guest's fields and claims.
+fn to_events(
+    batch: &vigil_drain::GuestBatch,
+    claims: Option<Claims>,
+) -> Vec<vigil_journal::EventIn> {
+    let recv_time = unix_nanos();
+    batch
+        .events
+        .iter()
+        .map(|e| vigil_journal::EventIn {
+            token: token(batch.conn),
+            cell_id: Arc::clone(&batch.cell.cell_id),
+            run_id: Arc::clone(&batch.cell.run_id),
+            stream_id: Some(Arc::clone(&batch.stream_id)),
+            guest_seq: Some(e.guest_seq),
+            event_type: e.event_type().to_string(),
+            op_id: (!e.op_id().is_empty()).then(|| e.op_id().to_string()),
+            content_type: e.content_type().to_string(),
+            data: e.payload().to_vec(),
+            guest_time_unix_nano: (e.guest_time_unix_nano != 0).then_some(e.guest_time_unix_nano),
+            recv_time_unix_nano: recv_time,
+            claims: claims.clone(),
+        })
+        .collect()
+}
+
+/// Applies effects, feeding the events some of them produce back into the reducer.
+fn settle(state: &mut State, applier: &mut Applier, effects: Vec<Effect>) {
+    let mut effects = std::collections::VecDeque::from(effects);
+    let mut follow_up = Vec::new();
+    while let Some(effect) = effects.pop_front() {
+        applier.apply(effect, &mut follow_up);
+        for ev in follow_up.drain(..) {
+            effects.extend(reducer::step(state, ev, sys::monotonic_ns()));
+        }
+    }
+}
+
+/// The control loop: reducer + applier + admin socket, until SIGINT or SIGTERM. A single
+/// timer sleeps until the nearest silence deadline (no per-cell polling).
 async fn control(
     mut state: State,
     mut applier: Applier,
-    ev_tx: mpsc::Sender<Event>,
+    start_effects: Vec<Effect>,
     mut ev_rx: mpsc::Receiver<Event>,
     admin: tokio::net::UnixListener,
+    mut reducer_slot: vigil_timing::SlotWriter,
 ) -> anyhow::Result<()> {
     let (admin_tx, mut admin_rx) = mpsc::channel::<(AdminRequest, oneshot::Sender<AdminReply>)>(64);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = admin.accept().await else { continue };
+            let stream = match admin.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("accepting on the admin socket failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let tx = admin_tx.clone();
             tokio::spawn(crate::admin::serve_conn(stream, move |req| {
                 let tx = tx.clone();
@@ -285,18 +593,25 @@ async fn control(
                     if tx.send((req, rtx)).await.is_err() {
                         return AdminReply::Err("vigil is shutting down".into());
                     }
-                    rrx.await.unwrap_or_else(|_| AdminReply::Err("vigil is shutting down".into()))
+                    rrx.await
+                        .unwrap_or_else(|_| AdminReply::Err("vigil is shutting down".into()))
                 }
             }));
         }
     });
-    drop(ev_tx);
+    settle(&mut state, &mut applier, start_effects);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut next_id: reducer::RequestId = 0;
+    reducer_slot.start(sys::monotonic_ns());
     loop {
+        let sleep = match state.deadlines.next() {
+            Some(at) => std::time::Duration::from_nanos(at.saturating_sub(sys::monotonic_ns())),
+            None => std::time::Duration::from_secs(3_600),
+        };
         let event = tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+            () = tokio::time::sleep(sleep) => Event::Tick,
             Some((request, reply)) = admin_rx.recv() => {
                 next_id += 1;
                 applier.pending.insert(next_id, reply);
@@ -304,9 +619,53 @@ async fn control(
             }
             Some(ev) = ev_rx.recv() => ev,
         };
-        for effect in reducer::step(&mut state, event, sys::monotonic_ns()) {
-            applier.apply(effect);
+        let t0 = sys::monotonic_ns();
+        let effects = reducer::step(&mut state, event, t0);
+        settle(&mut state, &mut applier, effects);
+        reducer_slot.time(t0, sys::monotonic_ns());
+    }
+    reducer_slot.stop(sys::monotonic_ns());
+    Ok(())
+}
+
+/// What the journal says about silence: runs already silenced, and of those the ones with no
+/// `agent_resumed` yet. Read once at start (a full scan of the journal's silence events).
+fn silence_record(dir: &std::path::Path) -> SilenceRecord {
+    let mut record = SilenceRecord::default();
+    if !dir.exists() {
+        return record;
+    }
+    let mut resumed = std::collections::BTreeSet::new();
+    for ty in [
+        silence::TYPE_SILENCED,
+        silence::TYPE_STALLED,
+        silence::TYPE_RESUMED,
+    ] {
+        let filter = vigil_journal::TailFilter {
+            ty: Some(ty.to_string()),
+            ..vigil_journal::TailFilter::default()
+        };
+        let mut cursor = None;
+        let mut out = Vec::new();
+        if let Err(e) = vigil_journal::tail_once(dir, &filter, &mut cursor, &mut out) {
+            tracing::warn!("reading silence events from the journal failed ({e}); runs silenced before this start may be reported again");
+            continue;
+        }
+        for line in out.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+                continue;
+            };
+            let (Some(c), Some(r)) = (v["cellid"].as_str(), v["runid"].as_str()) else {
+                continue;
+            };
+            let key = (c.to_string(), r.to_string());
+            if ty == silence::TYPE_RESUMED {
+                resumed.insert(key);
+            } else {
+                record.fired.insert(key);
+            }
         }
     }
-    Ok(())
+    record.awaiting_resume = record.fired.difference(&resumed).cloned().collect();
+    record
 }

@@ -87,7 +87,11 @@ pub enum Verdict {
     /// Not silent yet: check again at this deadline.
     Reschedule(u64),
     /// Emit an event (type and JSON data) and stop watching until a frame arrives.
-    Fire { event_type: &'static str, class: Class, data: serde_json::Value },
+    Fire {
+        event_type: &'static str,
+        class: Class,
+        data: serde_json::Value,
+    },
     /// Already fired for this run: nothing to do until the run ends.
     Done,
 }
@@ -108,7 +112,10 @@ pub fn check(run: &Run, facts: &Facts, now_ns: u64) -> Verdict {
     let elapsed_ms = elapsed / 1_000_000;
     let evidence = match facts.kernel {
         KernelEvidence::None => serde_json::json!("none"),
-        KernelEvidence::Vsock { last_data_ns, resets } => serde_json::json!({"lastDataNs": last_data_ns, "resets": resets}),
+        KernelEvidence::Vsock {
+            last_data_ns,
+            resets,
+        } => serde_json::json!({"lastDataNs": last_data_ns, "resets": resets}),
     };
     if class == Class::HostStalled {
         let kernel_last = match facts.kernel {
@@ -141,10 +148,16 @@ pub fn classify(run: &Run, facts: &Facts, now_ns: u64) -> Class {
     let last = facts.last_frame_ns.max(run.registered_ns);
     // The drain thread itself has not run for longer than the window: the host is stalled,
     // whatever the guest did.
-    if facts.drain_last_run_ns != 0 && now_ns.saturating_sub(facts.drain_last_run_ns) > run.window_ns {
+    if facts.drain_last_run_ns != 0
+        && now_ns.saturating_sub(facts.drain_last_run_ns) > run.window_ns
+    {
         return Class::HostStalled;
     }
-    if let KernelEvidence::Vsock { last_data_ns, resets } = facts.kernel {
+    if let KernelEvidence::Vsock {
+        last_data_ns,
+        resets,
+    } = facts.kernel
+    {
         if last_data_ns > last + KERNEL_SLACK_NS && facts.connections_open > 0 {
             return Class::HostStalled;
         }
@@ -162,11 +175,17 @@ pub fn classify(run: &Run, facts: &Facts, now_ns: u64) -> Class {
 pub fn kernel_evidence(rows: &[PeerRow], cid: u32, local_port: u32) -> KernelEvidence {
     let mut last_data_ns = 0;
     let mut resets = 0;
-    for r in rows.iter().filter(|r| r.cid == cid && r.local_port == local_port) {
+    for r in rows
+        .iter()
+        .filter(|r| r.cid == cid && r.local_port == local_port)
+    {
         last_data_ns = last_data_ns.max(r.last_data_ns);
         resets += r.rst + r.shutdown;
     }
-    KernelEvidence::Vsock { last_data_ns, resets }
+    KernelEvidence::Vsock {
+        last_data_ns,
+        resets,
+    }
 }
 
 /// The data of an `agent_resumed` event.
@@ -228,24 +247,52 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn run() -> Run {
-        Run { cell_id: "c".into(), run_id: "r".into(), window_ns: 10 * S, registered_ns: 100 * S, fired: false, awaiting_resume: None, deadline: None }
+        Run {
+            cell_id: "c".into(),
+            run_id: "r".into(),
+            window_ns: 10 * S,
+            registered_ns: 100 * S,
+            fired: false,
+            awaiting_resume: None,
+            deadline: None,
+        }
     }
 
     fn facts(last_frame_ns: u64) -> Facts {
-        Facts { last_frame_ns, connections_open: 1, had_connection: true, kernel: KernelEvidence::None, drain_last_run_ns: 0 }
+        Facts {
+            last_frame_ns,
+            connections_open: 1,
+            had_connection: true,
+            kernel: KernelEvidence::None,
+            drain_last_run_ns: 0,
+        }
     }
 
     #[test]
     fn a_fresh_run_is_not_silent_until_its_window_passes() {
-        assert_eq!(check(&run(), &facts(0), 105 * S), Verdict::Reschedule(110 * S));
-        assert!(matches!(check(&run(), &facts(0), 110 * S), Verdict::Fire { event_type: TYPE_SILENCED, .. }));
+        assert_eq!(
+            check(&run(), &facts(0), 105 * S),
+            Verdict::Reschedule(110 * S)
+        );
+        assert!(matches!(
+            check(&run(), &facts(0), 110 * S),
+            Verdict::Fire {
+                event_type: TYPE_SILENCED,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn a_frame_at_exactly_the_boundary_never_yields_elapsed_below_the_window() {
         // Frame at 120 s: at 130 s - 1 ns not silent; at 130 s silent with elapsed == window.
-        assert_eq!(check(&run(), &facts(120 * S), 130 * S - 1), Verdict::Reschedule(130 * S));
-        let Verdict::Fire { data, .. } = check(&run(), &facts(120 * S), 130 * S) else { panic!("should fire") };
+        assert_eq!(
+            check(&run(), &facts(120 * S), 130 * S - 1),
+            Verdict::Reschedule(130 * S)
+        );
+        let Verdict::Fire { data, .. } = check(&run(), &facts(120 * S), 130 * S) else {
+            panic!("should fire")
+        };
         assert!(data["elapsedMs"].as_u64().unwrap() >= data["keepaliveWindowMs"].as_u64().unwrap());
         assert_eq!(data["elapsedMs"], 10_000);
         assert_eq!(data["epistemicStatus"], "DECLARED");
@@ -264,10 +311,34 @@ mod tests {
     fn classes_from_a_fake_kernel_table() {
         let r = run();
         let now = 200 * S;
-        let rows = |last_data: u64, rst: u64| vec![
-            PeerRow { cid: 3, port: 5000, local_port: 7000, packets: 9, bytes: 900, rst, shutdown: 0, last_data_ns: last_data, last_any_ns: last_data, last_op: 5 },
-            PeerRow { cid: 3, port: 5001, local_port: 22, packets: 9, bytes: 900, rst: 0, shutdown: 0, last_data_ns: now, last_any_ns: now, last_op: 5 },
-        ];
+        let rows = |last_data: u64, rst: u64| {
+            vec![
+                PeerRow {
+                    cid: 3,
+                    port: 5000,
+                    local_port: 7000,
+                    packets: 9,
+                    bytes: 900,
+                    rst,
+                    shutdown: 0,
+                    last_data_ns: last_data,
+                    last_any_ns: last_data,
+                    last_op: 5,
+                },
+                PeerRow {
+                    cid: 3,
+                    port: 5001,
+                    local_port: 22,
+                    packets: 9,
+                    bytes: 900,
+                    rst: 0,
+                    shutdown: 0,
+                    last_data_ns: now,
+                    last_any_ns: now,
+                    last_op: 5,
+                },
+            ]
+        };
         // Kernel saw nothing after the last frame: the guest is silent (traffic to another
         // local port does not count).
         let mut f = facts(150 * S);
@@ -276,7 +347,12 @@ mod tests {
         // Kernel saw data after the last frame user space got: the host is stalled.
         f.kernel = kernel_evidence(&rows(180 * S, 0), 3, 7000);
         assert_eq!(classify(&r, &f, now), Class::HostStalled);
-        let Verdict::Fire { event_type, data, .. } = check(&r, &f, now) else { panic!() };
+        let Verdict::Fire {
+            event_type, data, ..
+        } = check(&r, &f, now)
+        else {
+            panic!()
+        };
         assert_eq!(event_type, TYPE_STALLED);
         assert_eq!(data["kernelLastDataNs"], 180 * S);
         // Reset seen and no connection left: disconnected.

@@ -23,9 +23,17 @@ pub enum SysError {
     #[error("reading this process's capabilities failed: {0}")]
     Capget(#[source] std::io::Error),
     #[error("tracefs is not mounted and mounting it at {path} failed ({source}); mount it with `mount -t tracefs tracefs {path}`")]
-    Tracefs { path: &'static str, #[source] source: std::io::Error },
+    Tracefs {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("bpffs is not mounted and mounting it at {path} failed ({source}); mount it with `mount -t bpf bpf {path}`")]
-    Bpffs { path: &'static str, #[source] source: std::io::Error },
+    Bpffs {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("raising the open-file limit failed: {0}")]
     Rlimit(#[source] std::io::Error),
 }
@@ -51,7 +59,10 @@ fn effective_caps() -> Result<u64, SysError> {
         inheritable: u32,
     }
     const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let mut header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
     let mut data = [Data::default(); 2];
     // SAFETY: capget with a v3 header reads two `Data` structs into the array we pass, which
     // has exactly that length; both pointers are valid for the call.
@@ -76,7 +87,10 @@ pub fn check_bpf_capabilities() -> Result<(), SysError> {
 /// Raises RLIMIT_NOFILE's soft limit towards [`WANTED_NOFILE`] (never above the hard limit).
 /// Returns the limit in force afterwards.
 pub fn raise_nofile() -> Result<u64, SysError> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes one rlimit into the struct we own.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return Err(SysError::Rlimit(std::io::Error::last_os_error()));
@@ -108,7 +122,15 @@ fn mount(fstype: &str, target: &str) -> std::io::Result<()> {
     let tgt = std::ffi::CString::new(target).unwrap_or_default();
     // SAFETY: all three strings are valid NUL-terminated C strings that outlive the call; no
     // mount data is passed.
-    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -124,7 +146,10 @@ pub fn ensure_tracefs() -> Result<PathBuf, SysError> {
         }
     }
     if !is_mounted(TRACEFS, "tracefs") {
-        mount("tracefs", TRACEFS).map_err(|source| SysError::Tracefs { path: TRACEFS, source })?;
+        mount("tracefs", TRACEFS).map_err(|source| SysError::Tracefs {
+            path: TRACEFS,
+            source,
+        })?;
         tracing::info!("mounted tracefs at {TRACEFS}");
     }
     Ok(PathBuf::from(TRACEFS))
@@ -135,7 +160,10 @@ pub fn ensure_bpffs() -> Result<(), SysError> {
     if is_mounted(BPFFS, "bpf") {
         return Ok(());
     }
-    mount("bpf", BPFFS).map_err(|source| SysError::Bpffs { path: BPFFS, source })?;
+    mount("bpf", BPFFS).map_err(|source| SysError::Bpffs {
+        path: BPFFS,
+        source,
+    })?;
     tracing::info!("mounted bpffs at {BPFFS}");
     Ok(())
 }
@@ -143,7 +171,10 @@ pub fn ensure_bpffs() -> Result<(), SysError> {
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` uses, so user-space times
 /// compare with the kernel's per-peer stamps.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec we own; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -151,7 +182,8 @@ pub fn monotonic_ns() -> u64 {
 
 /// This host's name (for `source` attributes when the config names none).
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "localhost".to_string(), |s| s.trim().to_string())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "localhost".to_string(), |s| s.trim().to_string())
 }
 
 #[cfg(test)]

@@ -42,9 +42,15 @@ pub const CONN_HANDOFF_QUOTA: u32 = (HANDOFF_CAPACITY / 4) as u32;
 /// sender blocks until the drain thread has taken some (it wakes on the eventfd each time).
 pub const COMMAND_CAPACITY: usize = 4096;
 
-/// Cells the drain can hold at once (a host runs at most a few thousand guests). Beyond it,
-/// `AddCell` is refused with [`DrainOutput::CellError`].
-pub const MAX_CELLS: usize = 4096;
+/// Cells the drain can hold at once (a host runs at most a few thousand guests; the registry
+/// allows the same number, so a registered cell is never refused here). Beyond it, `AddCell`
+/// is refused with [`DrainOutput::CellError`].
+pub const MAX_CELLS: usize = 16_384;
+
+/// Longest the loop sleeps with nothing to do. Each wake stamps
+/// [`DrainStats::last_loop_mono_ns`], so "the drain has not run for longer than a keep-alive
+/// window" means stalled, never merely idle. One wake a second costs nothing measurable.
+pub const IDLE_WAKE_NS: u64 = 1_000_000_000;
 
 /// Connections the drain holds at once: 1,000 guests × 16 streams. Beyond it, new connections
 /// are accepted and closed at once (counted as `TooManyConnections`).
@@ -1322,6 +1328,7 @@ impl Drain {
         if let Some(d) = self.shutdown_deadline {
             consider(d.saturating_sub(now).max(1));
         }
+        consider(IDLE_WAKE_NS);
         wait
     }
 
@@ -1357,6 +1364,9 @@ impl Drain {
         loop {
             self.wait(now)?;
             now = sys::monotonic_ns();
+            self.stats
+                .last_loop_mono_ns
+                .store(now, std::sync::atomic::Ordering::Relaxed);
             self.cqes.clear();
             self.cqes.extend(
                 self.ring

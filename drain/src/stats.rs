@@ -114,6 +114,15 @@ impl RejectReason {
     fn index(self) -> usize {
         self as usize
     }
+
+    /// A short stable name for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::UnregisteredCid => "unregistered_cid",
+            Self::TooManyConnections => "too_many_connections",
+            Self::NoPeerAddress => "no_peer_address",
+        }
+    }
 }
 
 /// Counters of the drain loop. All relaxed atomics: each is written by the drain thread only.
@@ -121,6 +130,9 @@ impl RejectReason {
 pub struct DrainStats {
     closes: [AtomicU64; CloseReason::COUNT],
     rejects: [AtomicU64; RejectReason::COUNT],
+    /// CLOCK_MONOTONIC ns of the loop's latest iteration (it wakes at least every
+    /// `IDLE_WAKE_NS`), for the silence classifier's "is the receiver stalled?".
+    pub last_loop_mono_ns: AtomicU64,
     /// Connections accepted and assigned to a cell.
     pub accepted: AtomicU64,
     /// Complete frames decoded.
@@ -148,6 +160,11 @@ pub struct DrainStats {
 }
 
 impl DrainStats {
+    /// CLOCK_MONOTONIC ns of the loop's latest iteration (0 before the first).
+    pub fn last_loop_mono_ns(&self) -> u64 {
+        self.last_loop_mono_ns.load(Ordering::Relaxed)
+    }
+
     /// Connections closed for `reason`.
     pub fn closes(&self, reason: CloseReason) -> u64 {
         self.closes[reason.index()].load(Ordering::Relaxed)
