@@ -129,11 +129,32 @@ mod tests {
 
     #[test]
     fn merge_sums_counters_and_keeps_latest_times() {
-        let mut a = PeerStats { last_data_ns: 10, last_any_ns: 20, packets: 2, bytes: 100, rst: 0, shutdown: 1, last_op: op::RW, _pad: [0; 6] };
-        let b = PeerStats { last_data_ns: 5, last_any_ns: 30, packets: 3, bytes: 7, rst: 1, shutdown: 0, last_op: op::RST, _pad: [0; 6] };
+        let mut a = PeerStats {
+            last_data_ns: 10,
+            last_any_ns: 20,
+            packets: 2,
+            bytes: 100,
+            rst: 0,
+            shutdown: 1,
+            last_op: op::RW,
+            _pad: [0; 6],
+        };
+        let b = PeerStats {
+            last_data_ns: 5,
+            last_any_ns: 30,
+            packets: 3,
+            bytes: 7,
+            rst: 1,
+            shutdown: 0,
+            last_op: op::RST,
+            _pad: [0; 6],
+        };
         a.merge(&b);
         assert_eq!((a.packets, a.bytes, a.rst, a.shutdown), (5, 107, 1, 1));
-        assert_eq!((a.last_data_ns, a.last_any_ns, a.last_op), (10, 30, op::RST));
+        assert_eq!(
+            (a.last_data_ns, a.last_any_ns, a.last_op),
+            (10, 30, op::RST)
+        );
     }
 
     #[test]

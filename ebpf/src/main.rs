@@ -53,7 +53,11 @@ fn read_packet(ctx: &TracePointContext) -> Result<Packet, i64> {
     }
 }
 
-fn record(map: &LruPerCpuHashMap<PeerKey, PeerStats>, key: &PeerKey, pkt: &Packet) -> Result<(), i64> {
+fn record(
+    map: &LruPerCpuHashMap<PeerKey, PeerStats>,
+    key: &PeerKey,
+    pkt: &Packet,
+) -> Result<(), i64> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let is_data = pkt.op == op::RW && pkt.len > 0;
@@ -88,7 +92,12 @@ fn apply(s: &mut PeerStats, now: u64, is_data: bool, pkt: &Packet) {
 #[tracepoint]
 pub fn vigil_recv_pkt(ctx: TracePointContext) -> u32 {
     if let Ok(pkt) = read_packet(&ctx) {
-        let key = PeerKey { cid: pkt.src_cid, port: pkt.src_port, local_port: pkt.dst_port, _pad: 0 };
+        let key = PeerKey {
+            cid: pkt.src_cid,
+            port: pkt.src_port,
+            local_port: pkt.dst_port,
+            _pad: 0,
+        };
         let _ = record(&VIGIL_PEERS, &key, &pkt);
     }
     0
@@ -98,7 +107,12 @@ pub fn vigil_recv_pkt(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn vigil_alloc_pkt(ctx: TracePointContext) -> u32 {
     if let Ok(pkt) = read_packet(&ctx) {
-        let key = PeerKey { cid: pkt.dst_cid, port: pkt.dst_port, local_port: pkt.src_port, _pad: 0 };
+        let key = PeerKey {
+            cid: pkt.dst_cid,
+            port: pkt.dst_port,
+            local_port: pkt.src_port,
+            _pad: 0,
+        };
         let _ = record(&VIGIL_PEERS_TX, &key, &pkt);
     }
     0

@@ -64,11 +64,17 @@ enum Cmd {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn is_ci() -> bool {
@@ -77,7 +83,9 @@ fn is_ci() -> bool {
 
 /// Runs a command, failing with a sentence that names it.
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("could not start the command to {what}: {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start the command to {what}: {cmd:?}"))?;
     if !status.success() {
         bail!("{what} failed ({status}); the command was {cmd:?}");
     }
@@ -85,7 +93,10 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
-    cmd.output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    cmd.output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn cargo() -> Command {
@@ -94,21 +105,37 @@ fn cargo() -> Command {
 
 /// `rustup component add rust-src --toolchain nightly` unless present.
 fn setup_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"])).unwrap_or_default();
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
     let t = Instant::now();
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]), "install nightly rust-src (needs the nightly toolchain: `rustup toolchain install nightly`)")?;
-    println!("xtask: nightly rust-src installed in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "xtask: nightly rust-src installed in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 /// The nightly's LLVM major version, from `rustc +nightly -vV`.
 fn nightly_llvm_major() -> Result<u32> {
     let v = output(Command::new("rustc").args(["+nightly", "-vV"])).context("`rustc +nightly -vV` failed: install the nightly toolchain with `rustup toolchain install nightly`")?;
-    let line = v.lines().find_map(|l| l.strip_prefix("LLVM version: ")).context("`rustc +nightly -vV` printed no LLVM version")?;
-    line.split('.').next().and_then(|m| m.trim().parse().ok()).context("could not read the LLVM major version")
+    let line = v
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("`rustc +nightly -vV` printed no LLVM version")?;
+    line.split('.')
+        .next()
+        .and_then(|m| m.trim().parse().ok())
+        .context("could not read the LLVM major version")
 }
 
 /// bpf-linker built against the nightly's own libLLVM (no system LLVM needed).
@@ -120,7 +147,8 @@ fn setup_bpf_linker() -> Result<()> {
         return Ok(());
     }
     let t = Instant::now();
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context("`rustc +nightly --print sysroot` failed")?;
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("`rustc +nightly --print sysroot` failed")?;
     let libdir = Path::new(sysroot.trim()).join("lib");
     let lib = std::fs::read_dir(&libdir)
         .with_context(|| format!("reading {}", libdir.display()))?
@@ -134,14 +162,26 @@ fn setup_bpf_linker() -> Result<()> {
     for name in ["libLLVM.so", lib.as_str()] {
         let link = plib.join(name);
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(libdir.join(&lib), &link).with_context(|| format!("linking {}", link.display()))?;
+        std::os::unix::fs::symlink(libdir.join(&lib), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
     }
     run(
-        cargo().args(["install", "bpf-linker", "--no-default-features", "--features", &format!("llvm-{major}")]).env("LLVM_PREFIX", &prefix),
+        cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix),
         "build bpf-linker against the nightly's LLVM",
     )?;
     std::fs::write(&stamp, b"")?;
-    println!("xtask: bpf-linker (llvm-{major}) installed in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "xtask: bpf-linker (llvm-{major}) installed in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -155,9 +195,16 @@ fn setup_packages() -> Result<()> {
         ("qemu-system-x86", &["/usr/bin/qemu-system-x86_64"]),
         ("busybox-static", &["/bin/busybox", "/usr/bin/busybox"]),
         ("musl-tools", &["/usr/bin/musl-gcc"]),
-        ("nats-server", &["/usr/bin/nats-server", "/usr/sbin/nats-server"]),
+        (
+            "nats-server",
+            &["/usr/bin/nats-server", "/usr/sbin/nats-server"],
+        ),
     ];
-    let missing: Vec<&str> = wanted.iter().filter(|(_, files)| !files.iter().any(|f| Path::new(f).exists())).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, files)| !files.iter().any(|f| Path::new(f).exists()))
+        .map(|(p, _)| *p)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -166,9 +213,21 @@ fn setup_packages() -> Result<()> {
         return Ok(());
     }
     let t = Instant::now();
-    run(Command::new("apt-get").args(["update", "-qq"]), "update Debian's package lists")?;
-    run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"), "install Debian packages")?;
-    println!("xtask: installed {missing:?} in {:.1} s", t.elapsed().as_secs_f64());
+    run(
+        Command::new("apt-get").args(["update", "-qq"]),
+        "update Debian's package lists",
+    )?;
+    run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "install Debian packages",
+    )?;
+    println!(
+        "xtask: installed {missing:?} in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -193,21 +252,37 @@ fn build_ebpf() -> Result<()> {
     run(
         Command::new("cargo")
             .current_dir(root().join("ebpf"))
-            .args(["+nightly", "build", "-p", "vigil-ebpf", "-Z", "build-std=core", "--target", "bpfel-unknown-none", "--release"])
+            .args([
+                "+nightly",
+                "build",
+                "-p",
+                "vigil-ebpf",
+                "-Z",
+                "build-std=core",
+                "--target",
+                "bpfel-unknown-none",
+                "--release",
+            ])
             .env_remove("RUSTC")
             .env_remove("RUSTC_WRAPPER")
             .env_remove("CARGO")
             .env_remove("RUSTUP_TOOLCHAIN"),
         "build the eBPF object (run `cargo xtask setup` if bpf-linker or rust-src is missing)",
     )?;
-    println!("xtask: eBPF object {} built in {:.1} s", ebpf_object().display(), t.elapsed().as_secs_f64());
+    println!(
+        "xtask: eBPF object {} built in {:.1} s",
+        ebpf_object().display(),
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 fn build(release: bool) -> Result<()> {
     build_ebpf()?;
     let mut c = cargo();
-    c.current_dir(root()).args(["build", "-p", "vigil"]).env("VIGIL_EBPF_OBJECT", ebpf_object());
+    c.current_dir(root())
+        .args(["build", "-p", "vigil"])
+        .env("VIGIL_EBPF_OBJECT", ebpf_object());
     if release {
         c.arg("--release");
     }
@@ -215,7 +290,11 @@ fn build(release: bool) -> Result<()> {
 }
 
 fn vigil_bin(release: bool) -> PathBuf {
-    root().join(if release { "target/release/vigil" } else { "target/debug/vigil" })
+    root().join(if release {
+        "target/release/vigil"
+    } else {
+        "target/debug/vigil"
+    })
 }
 
 fn test(no_vm: bool) -> Result<()> {
@@ -226,20 +305,39 @@ fn test(no_vm: bool) -> Result<()> {
     }
     let t = Instant::now();
     let mut c = cargo();
-    c.current_dir(root()).args(["test", "--workspace", "--exclude", "vigil-ebpf", "--exclude", "vmtest"]).env("VIGIL_EBPF_OBJECT", ebpf_object());
+    c.current_dir(root())
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "vigil-ebpf",
+            "--exclude",
+            "vmtest",
+        ])
+        .env("VIGIL_EBPF_OBJECT", ebpf_object());
     if is_root() {
         c.env("VIGIL_REQUIRE_EBPF", "1");
     }
     run(&mut c, "run the host tests")?;
-    println!("xtask: host tests passed in {:.1} s", t.elapsed().as_secs_f64());
-    run(cargo().current_dir(root()).args(["test", "-p", "vmtest"]), "run the vmtest harness's own unit tests")?;
+    println!(
+        "xtask: host tests passed in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    run(
+        cargo().current_dir(root()).args(["test", "-p", "vmtest"]),
+        "run the vmtest harness's own unit tests",
+    )?;
     if no_vm {
         println!("xtask: VM tests SKIPPED (--no-vm)");
         return Ok(());
     }
     let mut args = Vec::new();
     if is_ci() {
-        args.extend(["--kernel".to_string(), "all".to_string(), "--strict".to_string()]);
+        args.extend([
+            "--kernel".to_string(),
+            "all".to_string(),
+            "--strict".to_string(),
+        ]);
     }
     vmtest(&args)
 }
@@ -269,7 +367,11 @@ fn vmtest(args: &[String]) -> Result<()> {
 fn bench(names: &[String]) -> Result<()> {
     setup(false)?;
     let all = ["ingest", "events", "silence", "killswitch", "timing"];
-    let chosen: Vec<&str> = if names.is_empty() { all.to_vec() } else { names.iter().map(String::as_str).collect() };
+    let chosen: Vec<&str> = if names.is_empty() {
+        all.to_vec()
+    } else {
+        names.iter().map(String::as_str).collect()
+    };
     let mut out = String::new();
     for name in chosen {
         if name == "silence" {
@@ -280,25 +382,53 @@ fn bench(names: &[String]) -> Result<()> {
             continue;
         }
         let (pkg, example, args): (&str, &str, &[&str]) = match name {
-            "ingest" => ("vigil-drain", "bench_ingest", &["--conns", "16", "--frames", "200000"]),
+            "ingest" => (
+                "vigil-drain",
+                "bench_ingest",
+                &["--conns", "16", "--frames", "200000"],
+            ),
             "events" => ("vigil-journal", "bench_events", &[]),
             "timing" => ("vigil-timing", "bench_slots", &[]),
             "killswitch" => ("vigil-opcontrol", "bench_killswitch", &[]),
             other => bail!("unknown benchmark {other:?}; choose from {all:?}"),
         };
-        let cmdline = format!("cargo run --release -p {pkg} --example {example} -- {}", args.join(" "));
+        let cmdline = format!(
+            "cargo run --release -p {pkg} --example {example} -- {}",
+            args.join(" ")
+        );
         println!("xtask: {cmdline}");
-        let o = cargo().current_dir(root()).args(["run", "--quiet", "--release", "-p", pkg, "--example", example, "--"]).args(args).output()?;
+        let o = cargo()
+            .current_dir(root())
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                pkg,
+                "--example",
+                example,
+                "--",
+            ])
+            .args(args)
+            .output()?;
         if !o.status.success() {
-            bail!("benchmark {name} failed: {}", String::from_utf8_lossy(&o.stderr));
+            bail!(
+                "benchmark {name} failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         let text = String::from_utf8_lossy(&o.stdout);
         print!("{text}");
-        out.push_str(&format!("\n## {name}\n\nCommand: `cargo xtask bench {name}` (runs `{cmdline}`)\n\n{text}\n"));
+        out.push_str(&format!(
+            "\n## {name}\n\nCommand: `cargo xtask bench {name}` (runs `{cmdline}`)\n\n{text}\n"
+        ));
     }
     let path = root().join("target/bench-latest.md");
     std::fs::write(&path, out)?;
-    println!("xtask: results written to {} (copy the sections into BENCHMARKS.md)", path.display());
+    println!(
+        "xtask: results written to {} (copy the sections into BENCHMARKS.md)",
+        path.display()
+    );
     Ok(())
 }
 
@@ -316,7 +446,9 @@ fn main() -> Result<()> {
             if !is_root() {
                 bail!("`vigil run` loads eBPF programs and binds /run/vigil: run `sudo cargo xtask run` (or as root)");
             }
-            let err = std::os::unix::process::CommandExt::exec(Command::new(vigil_bin(true)).arg("run").args(&args));
+            let err = std::os::unix::process::CommandExt::exec(
+                Command::new(vigil_bin(true)).arg("run").args(&args),
+            );
             bail!("could not start {}: {err}", vigil_bin(true).display())
         }
         Cmd::Test { no_vm } => test(no_vm),

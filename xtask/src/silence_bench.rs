@@ -23,7 +23,10 @@ struct Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         // Ask for a clean stop (SIGTERM), then make sure.
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -53,7 +56,14 @@ fn start(vigil: &Path, dir: &Path, cells: &str) -> Result<Daemon> {
     let d = Daemon { child, socket };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ok = Command::new(vigil).args(["ctl", "--socket"]).arg(&d.socket).arg("ping").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        let ok = Command::new(vigil)
+            .args(["ctl", "--socket"])
+            .arg(&d.socket)
+            .arg("ping")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
         if ok {
             return Ok(d);
         }
@@ -67,7 +77,10 @@ fn start(vigil: &Path, dir: &Path, cells: &str) -> Result<Daemon> {
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(") ").map(|x| x.1).context("bad /proc stat")?;
+    let rest = stat
+        .rsplit_once(") ")
+        .map(|x| x.1)
+        .context("bad /proc stat")?;
     let f: Vec<&str> = rest.split(' ').collect();
     let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
     Ok(ticks / 100.0)
@@ -84,7 +97,10 @@ pub fn run(vigil: &Path) -> Result<String> {
     std::fs::create_dir_all(&idle_dir)?;
     let mut cells = String::new();
     for i in 0..IDLE_CELLS {
-        cells.push_str(&format!("[[cell]]\ncell_id = \"idle-{i}\"\nrun_id = \"r1\"\ncid = {}\nkeepalive_ms = 60000\n", i + 3));
+        cells.push_str(&format!(
+            "[[cell]]\ncell_id = \"idle-{i}\"\nrun_id = \"r1\"\ncid = {}\nkeepalive_ms = 60000\n",
+            i + 3
+        ));
     }
     let d = start(vigil, &idle_dir, &cells)?;
     std::thread::sleep(Duration::from_secs(2));
@@ -120,23 +136,37 @@ pub fn run(vigil: &Path) -> Result<String> {
     }
     std::thread::sleep(Duration::from_secs(3));
     drop(d);
-    let tail = Command::new(vigil).arg("tail").arg(lat_dir.join("journal")).args(["--type", "dev.vigil.cell.observability.v1.guest.agent_silenced"]).output()?;
+    let tail = Command::new(vigil)
+        .arg("tail")
+        .arg(lat_dir.join("journal"))
+        .args([
+            "--type",
+            "dev.vigil.cell.observability.v1.guest.agent_silenced",
+        ])
+        .output()?;
     let mut late_ms: Vec<f64> = Vec::new();
     for line in String::from_utf8_lossy(&tail.stdout).lines() {
         let v: serde_json::Value = serde_json::from_str(line)?;
         let data = &v["data"];
-        let over = data["elapsedMs"].as_f64().unwrap_or(0.0) - data["keepaliveWindowMs"].as_f64().unwrap_or(0.0);
+        let over = data["elapsedMs"].as_f64().unwrap_or(0.0)
+            - data["keepaliveWindowMs"].as_f64().unwrap_or(0.0);
         let t = parse_rfc3339_ns(v["time"].as_str().unwrap_or(""));
         let r = parse_rfc3339_ns(v["recordedtime"].as_str().unwrap_or(""));
         late_ms.push(over + (r - t) as f64 / 1e6);
     }
     if late_ms.len() != LATENCY_CELLS as usize {
-        bail!("expected {LATENCY_CELLS} agent_silenced events, found {}", late_ms.len());
+        bail!(
+            "expected {LATENCY_CELLS} agent_silenced events, found {}",
+            late_ms.len()
+        );
     }
     late_ms.sort_by(f64::total_cmp);
     let p = |q: f64| late_ms[((late_ms.len() - 1) as f64 * q).round() as usize];
     out.push_str(&format!("| detection latency past the window, deadline → journaled, {LATENCY_CELLS} cells: p50 | {:.2} ms | ≤ 10 ms |\n", p(0.5)));
-    out.push_str(&format!("| detection latency past the window: p99 | {:.2} ms | ≤ 10 ms |\n", p(0.99)));
+    out.push_str(&format!(
+        "| detection latency past the window: p99 | {:.2} ms | ≤ 10 ms |\n",
+        p(0.99)
+    ));
     let _ = std::fs::remove_dir_all(&base);
     Ok(out)
 }
@@ -144,7 +174,9 @@ pub fn run(vigil: &Path) -> Result<String> {
 /// Nanoseconds of an RFC 3339 UTC time's time-of-day part (enough for differences within a
 /// day, which is all the bench needs).
 fn parse_rfc3339_ns(s: &str) -> i64 {
-    let Some(t) = s.split('T').nth(1) else { return 0 };
+    let Some(t) = s.split('T').nth(1) else {
+        return 0;
+    };
     let t = t.trim_end_matches('Z');
     let t = t.split('+').next().unwrap_or(t);
     let mut parts = t.split(':');
