@@ -161,13 +161,12 @@ where
     let mut line = String::new();
     loop {
         line.clear();
-        let n = match (&mut lines)
+        let Ok(n) = (&mut lines)
             .take(MAX_REQUEST_BYTES as u64 + 1)
             .read_line(&mut line)
             .await
-        {
-            Ok(n) => n,
-            Err(_) => return,
+        else {
+            return;
         };
         if n == 0 {
             return;
@@ -257,7 +256,8 @@ mod tests {
         assert_eq!(mode, 0o600);
         assert!(matches!(bind(&path), Err(AdminError::InUse(_))));
         let server = tokio::spawn(async move {
-            for _ in 0..2 {
+            // The probe of the refused second bind, then the two calls below.
+            for _ in 0..3 {
                 let (s, _) = listener.accept().await.unwrap();
                 serve_conn(s, |req| async move {
                     match req {

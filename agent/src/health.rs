@@ -87,26 +87,24 @@ impl Source {
         self.metrics.remove_cell(cell_id);
     }
 
-    /// Records a silence-type event for the views and metrics.
-    pub fn silence(&self, cell_id: &str, event_type: &str, class: Option<&'static str>) {
+    /// Records a silence-type event (`Some(class)`) or a resume (`None`) for the views and
+    /// metrics.
+    pub fn silence(&self, cell_id: &str, class: Option<&'static str>) {
         let mut cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(v) = cells.get_mut(cell_id) {
-            match class {
-                Some(c) => {
-                    v.state = if c == "host_stalled" {
-                        "stalled"
-                    } else {
-                        "silent"
-                    };
-                    v.silence_class = Some(c);
-                    self.metrics.silence_event(c);
-                }
-                None => {
-                    v.state = "active";
-                    let _ = event_type;
-                    self.metrics.silence_event("resumed");
-                }
-            }
+        let Some(v) = cells.get_mut(cell_id) else {
+            return;
+        };
+        if let Some(c) = class {
+            v.state = if c == "host_stalled" {
+                "stalled"
+            } else {
+                "silent"
+            };
+            v.silence_class = Some(c);
+            self.metrics.silence_event(c);
+        } else {
+            v.state = "active";
+            self.metrics.silence_event("resumed");
         }
     }
 }

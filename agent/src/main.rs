@@ -178,7 +178,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
             let cfg = config::Config::load(config.as_deref())?;
-            runtime::run(cfg)?;
+            runtime::run(&cfg)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ctl(args) => ctl(args),

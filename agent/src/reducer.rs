@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::config::CellConfig;
 use crate::registry::{Change, Registry};
-use crate::silence::{self, Deadlines, KernelEvidence, Run, Verdict};
+use crate::silence::{self, Deadlines, KeepAlive, KernelEvidence, Verdict};
 
 /// Capacity of the reducer's event channel. Events are small and the reducer handles each in
 /// microseconds; 4,096 absorbs a burst of connections and admin calls. When full, senders
@@ -134,7 +134,7 @@ pub struct State {
     pub registry: Registry,
     pub cells: BTreeMap<String, CellCounters>,
     /// Keep-alive state per registered cell's current run.
-    pub runs: BTreeMap<String, Run>,
+    pub runs: BTreeMap<String, KeepAlive>,
     pub deadlines: Deadlines,
     /// Silence events emitted, by class name.
     pub silence_events: BTreeMap<&'static str, u64>,
@@ -178,7 +178,7 @@ impl State {
     }
 
     fn begin_run(&mut self, c: &CellConfig, now_ns: u64, fired: bool) {
-        let run = Run {
+        let run = KeepAlive {
             cell_id: c.cell_id.clone(),
             run_id: c.run_id.clone(),
             window_ns: c.keepalive_ms.saturating_mul(1_000_000),

@@ -89,9 +89,9 @@ impl Applier {
                             Some("guest_silent") => "guest_silent",
                             _ => "host_stalled",
                         };
-                        self.health.silence(&ev.cell_id, ev.event_type, Some(class));
+                        self.health.silence(&ev.cell_id, Some(class));
                     }
-                    silence::TYPE_RESUMED => self.health.silence(&ev.cell_id, ev.event_type, None),
+                    silence::TYPE_RESUMED => self.health.silence(&ev.cell_id, None),
                     _ => {}
                 }
                 let data = serde_json::to_vec(&ev.data).unwrap_or_default();
@@ -242,13 +242,18 @@ fn initial_registry(cfg: &Config) -> anyhow::Result<Registry> {
     Ok(reg)
 }
 
-pub fn run(cfg: Config) -> anyhow::Result<()> {
+pub fn run(cfg: &Config) -> anyhow::Result<()> {
     let started_ns = sys::monotonic_ns();
     let nofile = sys::raise_nofile()?;
     tracing::info!("open-file limit {nofile}");
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
-    let registry = initial_registry(&cfg)?;
+    let registry = initial_registry(cfg)?;
+    if registry.is_empty() {
+        tracing::info!("no cells registered yet; register them in the config file or with `vigil ctl cell add`");
+    } else {
+        tracing::info!("{} cell(s) registered", registry.len());
+    }
     let probes = load_probes();
 
     let timing = vigil_timing::SlotTable::new(vigil_timing::DEFAULT_TABLE_SLOTS)?;
@@ -268,7 +273,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         key.key_id(),
         vigil_journal::HostKey::public_key_path(&cfg.key_path()).display()
     );
-    let journal = vigil_journal::spawn(journal_config(&cfg), key)?;
+    let journal = vigil_journal::spawn(journal_config(cfg), key)?;
 
     let drain_cfg = vigil_drain::DrainConfig {
         listen_vsock: cfg.listen.vsock,
@@ -305,21 +310,19 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(reducer::EVENT_CHANNEL_CAPACITY);
     let resume = Arc::new(ResumeWatch::default());
     let forward = {
-        let resume = Arc::clone(&resume);
-        let health = Arc::clone(&health);
-        let slot = timing.register_writer("forward")?;
-        let outputs = drain.outputs().clone();
-        let commander = drain.commander();
-        let input = journal.input.clone();
-        let acks = journal.acks.clone();
-        let ev_tx = ev_tx.clone();
+        let f = Forward {
+            outputs: drain.outputs().clone(),
+            acks: journal.acks.clone(),
+            input: journal.input.clone(),
+            drain: drain.commander(),
+            ev_tx: ev_tx.clone(),
+            resume: Arc::clone(&resume),
+            health: Arc::clone(&health),
+            slot: timing.register_writer("forward")?,
+        };
         std::thread::Builder::new()
             .name("vigil-forward".into())
-            .spawn(move || {
-                forward(
-                    &outputs, &acks, &input, &commander, &ev_tx, &resume, &health, slot,
-                )
-            })?
+            .spawn(move || forward(f))?
     };
 
     drop(ev_tx);
@@ -459,17 +462,29 @@ fn unix_nanos() -> u64 {
 
 /// The forwarder: drain outputs → journal input (and control events → reducer); journal
 /// acks → drain. Ends when the drain's output channel closes.
-fn forward(
-    outputs: &Receiver<vigil_drain::DrainOutput>,
-    acks: &Receiver<Vec<vigil_journal::AckOut>>,
-    input: &crossbeam_channel::Sender<Vec<vigil_journal::EventIn>>,
-    drain: &vigil_drain::DrainCommander,
-    ev_tx: &mpsc::Sender<Event>,
-    resume: &ResumeWatch,
-    health: &crate::health::Source,
-    mut slot: vigil_timing::SlotWriter,
-) {
+struct Forward {
+    outputs: Receiver<vigil_drain::DrainOutput>,
+    acks: Receiver<Vec<vigil_journal::AckOut>>,
+    input: crossbeam_channel::Sender<Vec<vigil_journal::EventIn>>,
+    drain: vigil_drain::DrainCommander,
+    ev_tx: mpsc::Sender<Event>,
+    resume: Arc<ResumeWatch>,
+    health: Arc<crate::health::Source>,
+    slot: vigil_timing::SlotWriter,
+}
+
+fn forward(f: Forward) {
     use vigil_drain::DrainOutput as O;
+    let Forward {
+        outputs,
+        acks,
+        input,
+        drain,
+        ev_tx,
+        resume,
+        health,
+        mut slot,
+    } = f;
     slot.start(sys::monotonic_ns());
     let mut claims: HashMap<vigil_drain::ConnId, Claims> = HashMap::new();
     let to_reducer = |e: Event| {
@@ -485,7 +500,7 @@ fn forward(
                         if resume.take(&batch.cell.cell_id) {
                             to_reducer(Event::Activity { cell_id: batch.cell.cell_id.to_string() });
                         }
-                        let events = to_events(&batch, claims.get(&batch.conn).cloned());
+                        let events = to_events(&batch, claims.get(&batch.conn));
                         drop(batch);
                         if !events.is_empty() && input.send(events).is_err() {
                             tracing::error!("the journal stopped; no more events can be made durable");
@@ -529,7 +544,7 @@ type Claims = Arc<std::collections::BTreeMap<String, String>>;
 /// socket, receive time) beside the guest's fields and claims.
 fn to_events(
     batch: &vigil_drain::GuestBatch,
-    claims: Option<Claims>,
+    claims: Option<&Claims>,
 ) -> Vec<vigil_journal::EventIn> {
     let recv_time = unix_nanos();
     batch
@@ -547,7 +562,7 @@ fn to_events(
             data: e.payload().to_vec(),
             guest_time_unix_nano: (e.guest_time_unix_nano != 0).then_some(e.guest_time_unix_nano),
             recv_time_unix_nano: recv_time,
-            claims: claims.clone(),
+            claims: claims.cloned(),
         })
         .collect()
 }
@@ -606,7 +621,7 @@ async fn control(
     loop {
         let sleep = match state.deadlines.next() {
             Some(at) => std::time::Duration::from_nanos(at.saturating_sub(sys::monotonic_ns())),
-            None => std::time::Duration::from_secs(3_600),
+            None => std::time::Duration::from_hours(1),
         };
         let event = tokio::select! {
             _ = tokio::signal::ctrl_c() => break,

@@ -67,7 +67,7 @@ pub struct Facts {
 
 /// The run's keep-alive state.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Run {
+pub struct KeepAlive {
     pub cell_id: String,
     pub run_id: String,
     pub window_ns: u64,
@@ -98,7 +98,7 @@ pub enum Verdict {
 
 /// Decides at a deadline. `elapsed` is computed from the same `last_frame_ns` read that the
 /// decision uses, so `elapsedMs >= keepaliveWindowMs` holds whenever it fires.
-pub fn check(run: &Run, facts: &Facts, now_ns: u64) -> Verdict {
+pub fn check(run: &KeepAlive, facts: &Facts, now_ns: u64) -> Verdict {
     if run.fired {
         return Verdict::Done;
     }
@@ -144,7 +144,7 @@ pub fn check(run: &Run, facts: &Facts, now_ns: u64) -> Verdict {
 }
 
 /// The three classes of domain.md, from the facts at the deadline.
-pub fn classify(run: &Run, facts: &Facts, now_ns: u64) -> Class {
+pub fn classify(run: &KeepAlive, facts: &Facts, now_ns: u64) -> Class {
     let last = facts.last_frame_ns.max(run.registered_ns);
     // The drain thread itself has not run for longer than the window: the host is stalled,
     // whatever the guest did.
@@ -189,7 +189,7 @@ pub fn kernel_evidence(rows: &[PeerRow], cid: u32, local_port: u32) -> KernelEvi
 }
 
 /// The data of an `agent_resumed` event.
-pub fn resumed_data(run: &Run, silent_since_ns: u64, now_ns: u64) -> serde_json::Value {
+pub fn resumed_data(run: &KeepAlive, silent_since_ns: u64, now_ns: u64) -> serde_json::Value {
     serde_json::json!({"cellId": run.cell_id, "runId": run.run_id, "silentMs": now_ns.saturating_sub(silent_since_ns) / 1_000_000})
 }
 
@@ -235,6 +235,7 @@ impl Deadlines {
         out
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.queue.len()
     }
@@ -246,8 +247,8 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    fn run() -> Run {
-        Run {
+    fn run() -> KeepAlive {
+        KeepAlive {
             cell_id: "c".into(),
             run_id: "r".into(),
             window_ns: 10 * S,

@@ -39,6 +39,7 @@ pub enum SysError {
 }
 
 /// Whether the effective uid is 0 (used only to decide whether root tests can run).
+#[cfg(test)]
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }

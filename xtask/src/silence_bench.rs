@@ -54,7 +54,7 @@ fn start(vigil: &Path, dir: &Path, cells: &str) -> Result<Daemon> {
         .spawn()
         .context("starting vigil run")?;
     let d = Daemon { child, socket };
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     loop {
         let ok = Command::new(vigil)
             .args(["ctl", "--socket"])
@@ -173,19 +173,19 @@ pub fn run(vigil: &Path) -> Result<String> {
 
 /// Nanoseconds of an RFC 3339 UTC time's time-of-day part (enough for differences within a
 /// day, which is all the bench needs).
-fn parse_rfc3339_ns(s: &str) -> i64 {
-    let Some(t) = s.split('T').nth(1) else {
+fn parse_rfc3339_ns(text: &str) -> i64 {
+    let Some(clock) = text.split('T').nth(1) else {
         return 0;
     };
-    let t = t.trim_end_matches('Z');
-    let t = t.split('+').next().unwrap_or(t);
-    let mut parts = t.split(':');
-    let h: i64 = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
-    let m: i64 = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
-    let sec = parts.next().unwrap_or("0");
-    let (whole, frac) = sec.split_once('.').unwrap_or((sec, "0"));
-    let w: i64 = whole.parse().unwrap_or(0);
+    let clock = clock.trim_end_matches('Z');
+    let clock = clock.split('+').next().unwrap_or(clock);
+    let mut parts = clock.split(':');
+    let hours: i64 = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    let minutes: i64 = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    let seconds = parts.next().unwrap_or("0");
+    let (whole, frac) = seconds.split_once('.').unwrap_or((seconds, "0"));
+    let whole: i64 = whole.parse().unwrap_or(0);
     let frac = format!("{frac:0<9}");
-    let f: i64 = frac[..9].parse().unwrap_or(0);
-    ((h * 60 + m) * 60 + w) * 1_000_000_000 + f
+    let nanos: i64 = frac[..9].parse().unwrap_or(0);
+    ((hours * 60 + minutes) * 60 + whole) * 1_000_000_000 + nanos
 }
