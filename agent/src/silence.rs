@@ -14,6 +14,11 @@ use crate::kernel::PeerRow;
 /// later. 5 ms is far above that and far below any keep-alive window.
 pub const KERNEL_SLACK_NS: u64 = 5_000_000;
 
+/// The drain counts as stalled when its loop has not run for longer than the keep-alive
+/// window and at least this long: it wakes every `IDLE_WAKE_NS` even when idle, so three
+/// missed wakes cannot be mere idleness.
+pub const DRAIN_STALL_MIN_NS: u64 = 3 * vigil_drain::IDLE_WAKE_NS;
+
 /// Event type of a silenced run (domain.md "Event types").
 pub const TYPE_SILENCED: &str = "dev.vigil.cell.observability.v1.guest.agent_silenced";
 /// Event type of the first frame after a silence.
@@ -369,6 +374,13 @@ mod tests {
         assert_eq!(classify(&run(), &f, 200 * S), Class::HostStalled);
         f.drain_last_run_ns = 199 * S;
         assert_eq!(classify(&run(), &f, 200 * S), Class::GuestSilent);
+        // A window shorter than the drain's idle wake-up: an idle drain is not a stalled one.
+        let mut short = run();
+        short.window_ns = 200_000_000;
+        f.drain_last_run_ns = 200 * S - 250_000_000;
+        assert_eq!(classify(&short, &f, 200 * S), Class::GuestSilent);
+        f.drain_last_run_ns = 200 * S - DRAIN_STALL_MIN_NS - 1;
+        assert_eq!(classify(&short, &f, 200 * S), Class::HostStalled);
     }
 
     #[test]

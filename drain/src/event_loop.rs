@@ -48,9 +48,9 @@ pub const COMMAND_CAPACITY: usize = 4096;
 pub const MAX_CELLS: usize = 16_384;
 
 /// Longest the loop sleeps with nothing to do. Each wake stamps
-/// [`DrainStats::last_loop_mono_ns`], so "the drain has not run for longer than a keep-alive
-/// window" means stalled, never merely idle. One wake a second costs nothing measurable.
-pub const IDLE_WAKE_NS: u64 = 1_000_000_000;
+/// [`DrainStats::last_loop_mono_ns`], so "the drain has not run for several of these" means
+/// stalled, never merely idle. Ten empty wakes a second cost a few microseconds each.
+pub const IDLE_WAKE_NS: u64 = 100_000_000;
 
 /// Connections the drain holds at once: 1,000 guests × 16 streams. Beyond it, new connections
 /// are accepted and closed at once (counted as `TooManyConnections`).

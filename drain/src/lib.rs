@@ -17,7 +17,7 @@ pub mod sys;
 pub use cell::{CellInfo, CellSlot, CellSpec};
 pub use event_loop::{
     spawn, DrainCommander, DrainConfig, DrainError, DrainHandle, COMMAND_CAPACITY,
-    CONN_HANDOFF_QUOTA, HANDOFF_CAPACITY, MAX_CELLS, MAX_CONNECTIONS,
+    CONN_HANDOFF_QUOTA, HANDOFF_CAPACITY, IDLE_WAKE_NS, MAX_CELLS, MAX_CONNECTIONS,
 };
 pub use output::{ConnId, DrainCommand, DrainOutput, GuestBatch, GuestEvent, Peer};
 pub use stats::{CloseReason, DrainStats, RejectReason};

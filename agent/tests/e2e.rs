@@ -1,0 +1,315 @@
+//! End to end over real Unix sockets (the hybrid-vsock path): `vigil emit` → `vigil run` →
+//! journal → `vigil verify` / `vigil tail`, across a restart and a full resend, plus
+//! fire-once silence across a restart. Runs the real binary; as root it also loads the eBPF
+//! programs (without root, vigil says kernel evidence is off and runs on).
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VIGIL: &str = env!("CARGO_BIN_EXE_vigil");
+
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
+        let child = Command::new(VIGIL)
+            .args(["run", "--config"])
+            .arg(dir.join("vigil.toml"))
+            .env("VIGIL_LOG", "warn")
+            .stderr(std::fs::File::create(dir.join("vigil.log")).unwrap())
+            .spawn()
+            .expect("start vigil run");
+        let d = Daemon {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ctl(dir, &["ping"]).0 {
+            assert!(
+                Instant::now() < deadline,
+                "vigil did not come up: {}",
+                std::fs::read_to_string(dir.join("vigil.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    /// SIGTERM and wait: the daemon must exit 0 (clean shutdown).
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "vigil exited with {status}: {}",
+            std::fs::read_to_string(self.dir.join("vigil.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ctl(dir: &Path, args: &[&str]) -> (bool, String) {
+    let o = Command::new(VIGIL)
+        .args(["ctl", "--socket"])
+        .arg(dir.join("admin.sock"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+fn config(dir: &Path, cells: &str) {
+    let cfg = format!(
+        "host_name = \"e2e\"\nstate_dir = \"{d}/state\"\n[listen]\nvsock = false\n[admin]\nsocket = \"{d}/admin.sock\"\n[journal]\ndir = \"{d}/journal\"\n[http]\naddr = \"\"\n{cells}",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("vigil.toml"), cfg).unwrap();
+}
+
+fn emit(path: &Path, stream: &str, count: u64, extra: &[&str]) -> serde_json::Value {
+    let o = Command::new(VIGIL)
+        .args(["emit", "--unix"])
+        .arg(path)
+        .args([
+            "--stream",
+            stream,
+            "--count",
+            &count.to_string(),
+            "--ack-timeout-ms",
+            "20000",
+        ])
+        .args(extra)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(line.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("emit printed {line:?}: {e}"))
+}
+
+fn tail(dir: &Path, ty: Option<&str>) -> Vec<serde_json::Value> {
+    let mut c = Command::new(VIGIL);
+    c.arg("tail").arg(dir.join("journal"));
+    if let Some(t) = ty {
+        c.args(["--type", t]);
+    }
+    let o = c.output().unwrap();
+    assert!(
+        o.status.success(),
+        "tail failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn verify(dir: &Path) {
+    let o = Command::new(VIGIL)
+        .arg("verify")
+        .arg(dir.join("journal"))
+        .arg("--pubkey")
+        .arg(dir.join("state/host.key.pub"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "verify failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn emit_run_verify_across_a_restart_and_a_full_resend() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    config(
+        dir,
+        &format!(
+            "[[cell]]\ncell_id = \"web-1\"\nrun_id = \"boot-1\"\nuds_path = \"{}/web-1.vsock\"\n",
+            dir.display()
+        ),
+    );
+    let sock = dir.join("web-1.vsock_7000");
+    let d = Daemon::start(dir);
+    for s in ["a", "b", "c"] {
+        let r = emit(
+            &sock,
+            s,
+            2_000,
+            &["--claim", "cell_id=evil", "--payload-bytes", "200"],
+        );
+        assert_eq!(r["sent"], 2_000, "{r}");
+        assert_eq!(r["acked_through"], 2_000, "every event acked: {r}");
+    }
+    d.stop();
+    verify(dir);
+    let events = tail(dir, None);
+    let mut seen: BTreeMap<(String, u64), usize> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.get("streamid").is_some()) {
+        assert_eq!(e["cellid"], "web-1", "identity from the registry: {e}");
+        assert_eq!(e["runid"], "boot-1");
+        assert_eq!(e["source"], "vigil://e2e/cells/web-1");
+        assert!(
+            e["guestclaims"].as_str().unwrap_or("").contains("evil"),
+            "claims kept apart: {e}"
+        );
+        let seq: u64 = e["guestseq"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .or_else(|| e["guestseq"].as_u64())
+            .unwrap();
+        *seen
+            .entry((e["streamid"].as_str().unwrap().to_string(), seq))
+            .or_default() += 1;
+    }
+    assert_eq!(seen.len(), 6_000);
+    assert!(seen.values().all(|n| *n == 1), "each event exactly once");
+
+    // Restart and resend everything: acked again, journaled once.
+    let d = Daemon::start(dir);
+    let r = emit(&sock, "a", 2_000, &[]);
+    assert_eq!(r["acked_through"], 2_000, "{r}");
+    let r = emit(&sock, "a", 2_500, &[]);
+    assert_eq!(r["acked_through"], 2_500, "{r}");
+    d.stop();
+    verify(dir);
+    let a: Vec<_> = tail(dir, None)
+        .into_iter()
+        .filter(|e| e["streamid"] == "a")
+        .collect();
+    assert_eq!(
+        a.len(),
+        2_500,
+        "the resend was deduplicated; 500 new events added"
+    );
+}
+
+#[test]
+fn silence_fires_once_per_run_across_a_restart_and_resumes() {
+    const SILENCED: &str = "dev.vigil.cell.observability.v1.guest.agent_silenced";
+    const RESUMED: &str = "dev.vigil.cell.observability.v1.guest.agent_resumed";
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    config(dir, &format!("[[cell]]\ncell_id = \"quiet\"\nrun_id = \"r1\"\nuds_path = \"{}/quiet.vsock\"\nkeepalive_ms = 500\n", dir.display()));
+    let sock = dir.join("quiet.vsock_7000");
+    let d = Daemon::start(dir);
+    assert_eq!(emit(&sock, "s", 10, &[])["acked_through"], 10);
+    std::thread::sleep(Duration::from_millis(1_500));
+    d.stop();
+    let silenced = tail(dir, Some(SILENCED));
+    assert_eq!(silenced.len(), 1, "{silenced:?}");
+    let data = &silenced[0]["data"];
+    assert!(data["elapsedMs"].as_u64().unwrap() >= data["keepaliveWindowMs"].as_u64().unwrap());
+    assert_eq!(
+        data["kernelEvidence"], "none",
+        "hybrid cells have no vsock packets in the host kernel"
+    );
+    assert_eq!(
+        data["class"], "disconnected",
+        "the emitter closed its connection"
+    );
+
+    // A restart does not fire again for the same run, and the next frame resumes it.
+    let d = Daemon::start(dir);
+    std::thread::sleep(Duration::from_millis(1_200));
+    assert_eq!(emit(&sock, "s", 11, &[])["acked_through"], 11);
+    std::thread::sleep(Duration::from_millis(300));
+    d.stop();
+    assert_eq!(
+        tail(dir, Some(SILENCED)).len(),
+        1,
+        "fire-once across a restart"
+    );
+    let resumed = tail(dir, Some(RESUMED));
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert_eq!(resumed[0]["data"]["runId"], "r1");
+
+    // A new run starts a fresh window and a fresh fire-once.
+    let d = Daemon::start(dir);
+    let (ok, out) = ctl(
+        dir,
+        &[
+            "cell",
+            "add",
+            "--cell",
+            "quiet",
+            "--run",
+            "r2",
+            "--uds",
+            &dir.join("quiet.vsock").display().to_string(),
+            "--keepalive-ms",
+            "500",
+        ],
+    );
+    assert!(ok, "{out}");
+    std::thread::sleep(Duration::from_millis(1_200));
+    d.stop();
+    let runs: Vec<String> = tail(dir, Some(SILENCED))
+        .iter()
+        .map(|e| e["data"]["runId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(runs, vec!["r1".to_string(), "r2".to_string()]);
+    verify(dir);
+}
+
+#[test]
+fn an_unregistered_path_is_refused_and_bad_config_is_a_sentence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("bad.toml"), "[listen]\nmax_frame_bytes = 3\n").unwrap();
+    let o = Command::new(VIGIL)
+        .args(["run", "--config"])
+        .arg(dir.join("bad.toml"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("max_frame_bytes"), "{err}");
+
+    config(dir, "");
+    let d = Daemon::start(dir);
+    let r = emit(&dir.join("nobody.vsock_7000"), "s", 1, &[]);
+    assert!(
+        r["error"].is_string(),
+        "no listener for an unregistered cell: {r}"
+    );
+    let (ok, out) = ctl(
+        dir,
+        &["cell", "add", "--cell", "x", "--run", "r", "--cid", "3"],
+    );
+    assert!(ok, "{out}");
+    let (ok, _) = ctl(
+        dir,
+        &["cell", "add", "--cell", "y", "--run", "r", "--cid", "3"],
+    );
+    assert!(!ok, "a CID belongs to one cell");
+    let (_, list) = ctl(dir, &["cell", "list", "--json"]);
+    assert!(list.contains("\"x\""), "{list}");
+    d.stop();
+    // The registry survives a restart.
+    let d = Daemon::start(dir);
+    let (_, list) = ctl(dir, &["cell", "list", "--json"]);
+    assert!(list.contains("\"x\""), "{list}");
+    d.stop();
+}
