@@ -154,7 +154,7 @@ pub fn classify(run: &KeepAlive, facts: &Facts, now_ns: u64) -> Class {
     // The drain thread itself has not run for longer than the window: the host is stalled,
     // whatever the guest did.
     if facts.drain_last_run_ns != 0
-        && now_ns.saturating_sub(facts.drain_last_run_ns) > run.window_ns
+        && now_ns.saturating_sub(facts.drain_last_run_ns) > run.window_ns.max(DRAIN_STALL_MIN_NS)
     {
         return Class::HostStalled;
     }
