@@ -96,7 +96,7 @@ pub fn vigil_recv_pkt(ctx: TracePointContext) -> u32 {
             cid: pkt.src_cid,
             port: pkt.src_port,
             local_port: pkt.dst_port,
-            _pad: 0,
+            pad: 0,
         };
         let _ = record(&VIGIL_PEERS, &key, &pkt);
     }
@@ -111,7 +111,7 @@ pub fn vigil_alloc_pkt(ctx: TracePointContext) -> u32 {
             cid: pkt.dst_cid,
             port: pkt.dst_port,
             local_port: pkt.src_port,
-            _pad: 0,
+            pad: 0,
         };
         let _ = record(&VIGIL_PEERS_TX, &key, &pkt);
     }
