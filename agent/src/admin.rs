@@ -56,10 +56,18 @@ pub enum AdminError {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Ping,
-    CellAdd { cell: CellConfig },
-    CellRemove { cell_id: String },
+    CellAdd {
+        cell: CellConfig,
+    },
+    CellRemove {
+        cell_id: String,
+    },
     CellList,
     Peers,
+    /// Fault injection for the receiver-stall tests: block the drain thread this long.
+    DebugStallDrain {
+        ms: u64,
+    },
 }
 
 impl From<Request> for AdminRequest {
@@ -70,6 +78,7 @@ impl From<Request> for AdminRequest {
             Request::CellRemove { cell_id } => AdminRequest::CellRemove(cell_id),
             Request::CellList => AdminRequest::CellList,
             Request::Peers => AdminRequest::Peers,
+            Request::DebugStallDrain { ms } => AdminRequest::StallDrain(ms),
         }
     }
 }

@@ -96,6 +96,21 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Fault injection for tests (not for production use).
+    #[command(hide = true)]
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DebugCommand {
+    /// Block the drain thread for MS milliseconds (the receiver-stall scenario).
+    StallDrain {
+        #[arg(long)]
+        ms: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -230,6 +245,9 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let (req, json_out) = match args.command {
         CtlCommand::Ping => (Request::Ping, true),
         CtlCommand::Peers { json } => (Request::Peers, json),
+        CtlCommand::Debug {
+            command: DebugCommand::StallDrain { ms },
+        } => (Request::DebugStallDrain { ms }, true),
         CtlCommand::Cell { command } => match command {
             CellCommand::Add {
                 cell,

@@ -28,6 +28,7 @@ pub enum AdminRequest {
     CellRemove(String),
     CellList,
     Peers,
+    StallDrain(u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -94,6 +95,8 @@ pub enum Effect {
     DrainAddCell(CellConfig),
     /// Stop accepting this cell and close its connections.
     DrainRemoveCell(String),
+    /// Block the drain thread for this many milliseconds (fault injection for tests).
+    DrainStall(u64),
     /// Persist the registry (after every change).
     Persist(Registry),
     /// A log line at warn level (rate-limited by the reducer where it could flood).
@@ -360,6 +363,16 @@ fn admin(state: &mut State, id: RequestId, request: AdminRequest, now_ns: u64) -
             }]
         }
         AdminRequest::Peers => vec![Effect::ReplyWithPeers { id }],
+        AdminRequest::StallDrain(ms) => vec![
+            Effect::Warn(format!(
+                "stalling the drain thread for {ms} ms on request (fault injection)"
+            )),
+            Effect::DrainStall(ms),
+            Effect::Reply {
+                id,
+                reply: AdminReply::Ok(serde_json::json!("stalled")),
+            },
+        ],
         AdminRequest::CellAdd(cell) => match state.registry.upsert(cell) {
             Err(e) => vec![Effect::Reply {
                 id,

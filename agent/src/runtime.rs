@@ -153,6 +153,11 @@ impl Applier {
                     tracing::error!("could not remove cell {cell} from the drain: {e}");
                 }
             }
+            Effect::DrainStall(ms) => {
+                let _ = self.drain.send(vigil_drain::DrainCommand::Stall(
+                    std::time::Duration::from_millis(ms),
+                ));
+            }
             Effect::Persist(registry) => {
                 if let Err(e) = registry.persist(&self.state_dir) {
                     tracing::error!("{e}");

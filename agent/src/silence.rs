@@ -14,9 +14,10 @@ use crate::kernel::PeerRow;
 /// later. 5 ms is far above that and far below any keep-alive window.
 pub const KERNEL_SLACK_NS: u64 = 5_000_000;
 
-/// The drain counts as stalled when its loop has not run for longer than the keep-alive
-/// window and at least this long: it wakes every `IDLE_WAKE_NS` even when idle, so three
-/// missed wakes cannot be mere idleness.
+/// The drain counts as stalled at a deadline when its loop has not run for this long: it
+/// wakes every `IDLE_WAKE_NS` even when idle, so three missed wakes cannot be mere idleness.
+/// (Comparing with the keep-alive window instead could never fire: the deadline comes one
+/// window after the last frame, and the drain ran when it received that frame.)
 pub const DRAIN_STALL_MIN_NS: u64 = 3 * vigil_drain::IDLE_WAKE_NS;
 
 /// Event type of a silenced run (domain.md "Event types").
@@ -151,10 +152,9 @@ pub fn check(run: &KeepAlive, facts: &Facts, now_ns: u64) -> Verdict {
 /// The three classes of domain.md, from the facts at the deadline.
 pub fn classify(run: &KeepAlive, facts: &Facts, now_ns: u64) -> Class {
     let last = facts.last_frame_ns.max(run.registered_ns);
-    // The drain thread itself has not run for longer than the window: the host is stalled,
-    // whatever the guest did.
+    // The drain thread itself is not running: the host is stalled, whatever the guest did.
     if facts.drain_last_run_ns != 0
-        && now_ns.saturating_sub(facts.drain_last_run_ns) > run.window_ns.max(DRAIN_STALL_MIN_NS)
+        && now_ns.saturating_sub(facts.drain_last_run_ns) > DRAIN_STALL_MIN_NS
     {
         return Class::HostStalled;
     }
@@ -372,7 +372,7 @@ mod tests {
         let mut f = facts(150 * S);
         f.drain_last_run_ns = 150 * S;
         assert_eq!(classify(&run(), &f, 200 * S), Class::HostStalled);
-        f.drain_last_run_ns = 199 * S;
+        f.drain_last_run_ns = 200 * S - DRAIN_STALL_MIN_NS;
         assert_eq!(classify(&run(), &f, 200 * S), Class::GuestSilent);
         // A window shorter than the drain's idle wake-up: an idle drain is not a stalled one.
         let mut short = run();

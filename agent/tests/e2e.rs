@@ -313,3 +313,33 @@ fn an_unregistered_path_is_refused_and_bad_config_is_a_sentence() {
     assert!(list.contains("\"x\""), "{list}");
     d.stop();
 }
+
+#[test]
+fn a_stalled_receiver_is_blamed_on_the_host_not_the_guest() {
+    const STALLED: &str = "dev.vigil.host.observability.v1.receiver_stalled";
+    const SILENCED: &str = "dev.vigil.cell.observability.v1.guest.agent_silenced";
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    config(dir, &format!("[[cell]]\ncell_id = \"busy\"\nrun_id = \"r1\"\nuds_path = \"{}/busy.vsock\"\nkeepalive_ms = 500\n", dir.display()));
+    let d = Daemon::start(dir);
+    // The guest keeps sending (100 events/s for 3 s) while the drain thread is stalled.
+    let sock = dir.join("busy.vsock_7000");
+    let emitter =
+        std::thread::spawn(move || emit(&sock, "s", 300, &["--rate", "100", "--batch", "1"]));
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, out) = ctl(dir, &["debug", "stall-drain", "--ms", "1500"]);
+    assert!(ok, "{out}");
+    let report = emitter.join().unwrap();
+    assert_eq!(
+        report["acked_through"], 300,
+        "nothing lost across the stall: {report}"
+    );
+    d.stop();
+    let stalled = tail(dir, Some(STALLED));
+    assert_eq!(stalled.len(), 1, "{stalled:?}");
+    assert!(stalled[0]["data"]["drainLastRunNs"].as_u64().unwrap() > 0);
+    assert!(
+        tail(dir, Some(SILENCED)).is_empty(),
+        "the guest was not silent: do not blame it"
+    );
+}

@@ -1256,6 +1256,7 @@ impl Drain {
                 }
             }
             DrainCommand::Shutdown => self.start_shutdown(now),
+            DrainCommand::Stall(how_long) => std::thread::sleep(how_long),
         }
     }
 

@@ -217,6 +217,9 @@ pub enum DrainCommand {
     },
     /// Closes every connection (sending SHUTTING_DOWN), delivers what is pending and stops.
     Shutdown,
+    /// Blocks the drain thread for this long (a fault-injection hook for the receiver-stall
+    /// tests: the kernel keeps queueing guest data while user space reads nothing).
+    Stall(std::time::Duration),
 }
 
 #[cfg(test)]
