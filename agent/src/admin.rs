@@ -68,11 +68,47 @@ pub enum Request {
     DebugStallDrain {
         ms: u64,
     },
+    /// Pause, resume or terminate one op (`op_id`) or the whole cell's run (no `op_id`).
+    OpSignal {
+        cell_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        op_id: Option<String>,
+        /// "pause", "resume" or "terminate".
+        signal: String,
+    },
+    OpList,
+}
+
+impl Request {
+    /// The reducer's form of the request; `issuer` names the local user who sent it.
+    fn into_admin(self, issuer: String) -> Result<AdminRequest, String> {
+        Ok(match self {
+            Request::OpSignal {
+                cell_id,
+                op_id,
+                signal,
+            } => {
+                let Some(signal) = crate::killswitch::parse_signal(&signal) else {
+                    return Err(format!(
+                        "{signal:?} is not a signal; use pause, resume or terminate"
+                    ));
+                };
+                AdminRequest::OpSignal {
+                    cell_id,
+                    op_id,
+                    signal,
+                    issuer,
+                }
+            }
+            other => other.into(),
+        })
+    }
 }
 
 impl From<Request> for AdminRequest {
     fn from(r: Request) -> Self {
         match r {
+            Request::OpSignal { .. } | Request::OpList => AdminRequest::OpList,
             Request::Ping => AdminRequest::Ping,
             Request::CellAdd { cell } => AdminRequest::CellAdd(cell),
             Request::CellRemove { cell_id } => AdminRequest::CellRemove(cell_id),
@@ -165,6 +201,9 @@ where
         tracing::warn!("refused an admin connection from a user other than root or vigil's own");
         return;
     }
+    let issuer = stream
+        .peer_cred()
+        .map_or_else(|_| "local".to_string(), |c| format!("uid:{}", c.uid()));
     let (rd, mut wr) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(rd);
     let mut line = String::new();
@@ -190,7 +229,14 @@ where
             }
         } else {
             match serde_json::from_str::<Request>(line.trim_end()) {
-                Ok(req) => submit(req.into()).await.into(),
+                Ok(req) => match req.into_admin(issuer.clone()) {
+                    Ok(req) => submit(req).await.into(),
+                    Err(e) => Reply {
+                        ok: false,
+                        result: None,
+                        error: Some(e),
+                    },
+                },
                 Err(e) => Reply {
                     ok: false,
                     result: None,

@@ -68,6 +68,7 @@ pub struct Config {
     pub admin: Admin,
     pub journal: Journal,
     pub http: Http,
+    pub control: Control,
     /// Cells registered at start (more come from `vigil ctl cell add`).
     #[serde(rename = "cell")]
     pub cells: Vec<CellConfig>,
@@ -141,6 +142,14 @@ impl Http {
     }
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Control {
+    /// NATS server of the upstream control plane (JetStream); empty = no upstream, local
+    /// `vigil ctl` signals only.
+    pub nats_url: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CellConfig {
@@ -169,6 +178,7 @@ impl Default for Config {
             admin: Admin::default(),
             journal: Journal::default(),
             http: Http::default(),
+            control: Control::default(),
             cells: Vec::new(),
         }
     }

@@ -9,6 +9,7 @@ mod admin;
 mod config;
 mod health;
 mod kernel;
+mod killswitch;
 mod reducer;
 mod registry;
 mod runtime;
@@ -90,6 +91,11 @@ enum CtlCommand {
         #[command(subcommand)]
         command: CellCommand,
     },
+    /// Op-control (the kill switch) for single operations.
+    Op {
+        #[command(subcommand)]
+        command: OpCommand,
+    },
     /// The kernel's per-peer table of guest → host vsock packets.
     Peers {
         /// Print JSON instead of a table.
@@ -101,6 +107,21 @@ enum CtlCommand {
     Debug {
         #[command(subcommand)]
         command: DebugCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum OpCommand {
+    /// Hold the op's actions until resumed or terminated.
+    Pause { cell: String, op_id: String },
+    /// Lift a pause (a terminated op stays terminated).
+    Resume { cell: String, op_id: String },
+    /// Deny the op's actions for good (sticky for the run).
+    Terminate { cell: String, op_id: String },
+    /// Ops (and cells) that are paused or terminated.
+    List {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -136,6 +157,12 @@ enum CellCommand {
     },
     /// Remove a cell (ends its run).
     Remove { cell: String },
+    /// Hold every operation of the cell's run (and freeze its cgroup, if it has one).
+    Pause { cell: String },
+    /// Lift a cell-level pause (and thaw its cgroup).
+    Resume { cell: String },
+    /// Deny every operation of the cell's run for good (and kill its cgroup).
+    Terminate { cell: String },
     /// List registered cells.
     List {
         #[arg(long)]
@@ -245,6 +272,33 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let (req, json_out) = match args.command {
         CtlCommand::Ping => (Request::Ping, true),
         CtlCommand::Peers { json } => (Request::Peers, json),
+        CtlCommand::Op { command } => match command {
+            OpCommand::Pause { cell, op_id } => (
+                Request::OpSignal {
+                    cell_id: cell,
+                    op_id: Some(op_id),
+                    signal: "pause".into(),
+                },
+                true,
+            ),
+            OpCommand::Resume { cell, op_id } => (
+                Request::OpSignal {
+                    cell_id: cell,
+                    op_id: Some(op_id),
+                    signal: "resume".into(),
+                },
+                true,
+            ),
+            OpCommand::Terminate { cell, op_id } => (
+                Request::OpSignal {
+                    cell_id: cell,
+                    op_id: Some(op_id),
+                    signal: "terminate".into(),
+                },
+                true,
+            ),
+            OpCommand::List { json } => (Request::OpList, json),
+        },
         CtlCommand::Debug {
             command: DebugCommand::StallDrain { ms },
         } => (Request::DebugStallDrain { ms }, true),
@@ -270,11 +324,36 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                 true,
             ),
             CellCommand::Remove { cell } => (Request::CellRemove { cell_id: cell }, true),
+            CellCommand::Pause { cell } => (
+                Request::OpSignal {
+                    cell_id: cell,
+                    op_id: None,
+                    signal: "pause".into(),
+                },
+                true,
+            ),
+            CellCommand::Resume { cell } => (
+                Request::OpSignal {
+                    cell_id: cell,
+                    op_id: None,
+                    signal: "resume".into(),
+                },
+                true,
+            ),
+            CellCommand::Terminate { cell } => (
+                Request::OpSignal {
+                    cell_id: cell,
+                    op_id: None,
+                    signal: "terminate".into(),
+                },
+                true,
+            ),
             CellCommand::List { json } => (Request::CellList, json),
         },
     };
     let peers = matches!(req, Request::Peers);
     let list = matches!(req, Request::CellList);
+    let op_list = matches!(req, Request::OpList);
     let result = admin::call(&args.socket, &req)?;
     if json_out {
         match result {
@@ -284,6 +363,18 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
     } else if peers {
         let rows: Vec<kernel::PeerRow> = serde_json::from_value(result)?;
         kernel::print_table("guest → host", &rows);
+    } else if op_list {
+        let rows: Vec<serde_json::Value> = serde_json::from_value(result)?;
+        println!("{:<24} {:<24} {:<40} {:<10}", "cell", "run", "op", "state");
+        for r in rows {
+            println!(
+                "{:<24} {:<24} {:<40} {:<10}",
+                r["cellId"].as_str().unwrap_or(""),
+                r["runId"].as_str().unwrap_or(""),
+                r["opId"].as_str().unwrap_or("(whole cell)"),
+                r["state"].as_str().unwrap_or("")
+            );
+        }
     } else if list {
         let cells: Vec<serde_json::Value> = serde_json::from_value(result)?;
         println!(

@@ -9,6 +9,8 @@ use serde::Serialize;
 use crate::config::CellConfig;
 use crate::registry::{Change, Registry};
 use crate::silence::{self, Deadlines, KeepAlive, KernelEvidence, Verdict};
+use vigil_opcontrol::store::OpStore;
+use vigil_opcontrol::{Signal, SignalSource};
 
 /// Capacity of the reducer's event channel. Events are small and the reducer handles each in
 /// microseconds; 4,096 absorbs a burst of connections and admin calls. When full, senders
@@ -29,6 +31,15 @@ pub enum AdminRequest {
     CellList,
     Peers,
     StallDrain(u64),
+    /// A local operator's signal for one op (`op_id` Some) or the whole cell's run.
+    OpSignal {
+        cell_id: String,
+        op_id: Option<String>,
+        signal: Signal,
+        issuer: String,
+    },
+    /// The ops with a state (paused or terminated), per cell run.
+    OpList,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -61,6 +72,18 @@ pub enum Event {
     Observed { cell_id: String, observed: Observed },
     /// A frame arrived from a cell that was silenced (the forwarder saw its batch).
     Activity { cell_id: String },
+    /// A control signal from the upstream control plane.
+    Signal {
+        cell_id: String,
+        /// Empty: the cell's current run.
+        run_id: String,
+        /// None: every op of the run (cell-level).
+        op_id: Option<String>,
+        signal: Signal,
+        source: SignalSource,
+        /// The upstream message to acknowledge once applied.
+        upstream_ack: Option<u64>,
+    },
 }
 
 /// Facts only the applier can read (atomics, the kernel table, the drain's timing slot).
@@ -113,6 +136,17 @@ pub enum Effect {
         cell_id: String,
         watch: bool,
     },
+    /// Freeze (pause), thaw (resume) or kill (terminate) a cell's cgroup, off the control loop.
+    Cgroup {
+        cell_id: String,
+        path: std::path::PathBuf,
+        signal: Signal,
+    },
+    /// Acknowledge (or refuse, for redelivery) an upstream signal.
+    AckUpstream {
+        id: u64,
+        applied: bool,
+    },
 }
 
 /// Per-cell counters the reducer keeps (the drain keeps per-frame ones in atomics).
@@ -141,6 +175,10 @@ pub struct State {
     pub deadlines: Deadlines,
     /// Silence events emitted, by class name.
     pub silence_events: BTreeMap<&'static str, u64>,
+    /// The op-control store (this reducer is its only mutator).
+    pub ops: OpStore,
+    /// Ops (or whole runs: op None) not running normally, for `vigil ctl op list`.
+    pub op_states: BTreeMap<(String, String, Option<String>), &'static str>,
     /// Refusals by reason.
     pub rejected: BTreeMap<&'static str, u64>,
     /// Last time a refusal of each peer was logged (monotonic ns).
@@ -150,7 +188,12 @@ pub struct State {
 impl State {
     /// The state at start: every registered run's window starts now (a restart is not
     /// silence), and runs the journal shows as already silenced do not fire again.
-    pub fn new(registry: Registry, record: &SilenceRecord, now_ns: u64) -> (Self, Vec<Effect>) {
+    pub fn new(
+        registry: Registry,
+        record: &SilenceRecord,
+        ops: OpStore,
+        now_ns: u64,
+    ) -> (Self, Vec<Effect>) {
         let cells = registry
             .iter()
             .map(|c| (c.cell_id.clone(), CellCounters::default()))
@@ -158,6 +201,7 @@ impl State {
         let mut state = Self {
             registry,
             cells,
+            ops,
             ..Self::default()
         };
         let mut fx = Vec::new();
@@ -196,10 +240,21 @@ impl State {
             self.deadlines.set(&c.cell_id, now_ns + run.window_ns);
         }
         self.runs.insert(c.cell_id.clone(), run);
+        if let Err(e) = self.ops.begin_run(&c.cell_id, &c.run_id) {
+            tracing::warn!(
+                "op-control for cell {} run {}: {e} (its queries are denied: fail-closed)",
+                c.cell_id,
+                c.run_id
+            );
+        }
     }
 
     fn end_run(&mut self, cell_id: &str) {
-        self.runs.remove(cell_id);
+        if let Some(run) = self.runs.remove(cell_id) {
+            self.ops.end_run(cell_id, &run.run_id);
+            self.op_states
+                .retain(|(c, r, _), _| !(c == cell_id && *r == run.run_id));
+        }
         self.deadlines.clear(cell_id);
     }
 }
@@ -264,6 +319,21 @@ pub fn step(state: &mut State, event: Event, now_ns: u64) -> Vec<Effect> {
                 }),
             ]
         }
+        Event::Signal {
+            cell_id,
+            run_id,
+            op_id,
+            signal,
+            source,
+            upstream_ack,
+        } => {
+            let (mut fx, _) =
+                apply_signal(state, &cell_id, &run_id, op_id.as_deref(), signal, &source);
+            if let Some(id) = upstream_ack {
+                fx.push(Effect::AckUpstream { id, applied: true });
+            }
+            fx
+        }
         Event::Rejected { reason, peer } => {
             *state.rejected.entry(reason).or_default() += 1;
             // Bound the log-limiter's memory: forget entries older than the interval when it
@@ -284,6 +354,81 @@ pub fn step(state: &mut State, event: Event, now_ns: u64) -> Vec<Effect> {
             } else {
                 Vec::new()
             }
+        }
+    }
+}
+
+/// Applies one control signal to the store: the audit event, the cgroup action of a
+/// cell-level signal, and the reply text. A signal for an unknown cell or a stale run is
+/// refused (and still answered, so an upstream message is not redelivered forever).
+fn apply_signal(
+    state: &mut State,
+    cell_id: &str,
+    run_id: &str,
+    op_id: Option<&str>,
+    signal: Signal,
+    source: &SignalSource,
+) -> (Vec<Effect>, Result<&'static str, String>) {
+    let Some(cell) = state.registry.get(cell_id).cloned() else {
+        return (
+            vec![Effect::Warn(format!(
+                "control signal {} for unknown cell {cell_id:?} ignored",
+                signal.as_str()
+            ))],
+            Err(format!("no cell {cell_id:?} is registered")),
+        );
+    };
+    if !run_id.is_empty() && run_id != cell.run_id {
+        return (
+            vec![Effect::Warn(format!(
+                "control signal {} for cell {cell_id} run {run_id} ignored: the current run is {}",
+                signal.as_str(),
+                cell.run_id
+            ))],
+            Err(format!(
+                "run {run_id:?} of cell {cell_id:?} is not the current run ({})",
+                cell.run_id
+            )),
+        );
+    }
+    match state
+        .ops
+        .apply(cell_id, &cell.run_id, op_id, signal, source)
+    {
+        Err(e) => (
+            vec![Effect::Warn(format!(
+                "control signal for cell {cell_id}: {e}"
+            ))],
+            Err(e.to_string()),
+        ),
+        Ok(applied) => {
+            let key = (
+                cell_id.to_string(),
+                cell.run_id.clone(),
+                op_id.map(str::to_string),
+            );
+            if applied.state_after == vigil_opcontrol::OpState::Running {
+                state.op_states.remove(&key);
+            } else {
+                state.op_states.insert(key, applied.state_after.as_str());
+            }
+            let data = serde_json::from_slice(&applied.audit.data_json()).unwrap_or_default();
+            let mut fx = vec![Effect::Emit(OwnEvent {
+                cell_id: cell_id.to_string(),
+                run_id: cell.run_id.clone(),
+                event_type: applied.audit.event_type(),
+                data,
+            })];
+            if op_id.is_none() && signal != Signal::Unspecified {
+                if let Some(path) = cell.cgroup.clone() {
+                    fx.push(Effect::Cgroup {
+                        cell_id: cell_id.to_string(),
+                        path,
+                        signal,
+                    });
+                }
+            }
+            (fx, Ok(applied.state_after.as_str()))
         }
     }
 }
@@ -363,6 +508,40 @@ fn admin(state: &mut State, id: RequestId, request: AdminRequest, now_ns: u64) -
             }]
         }
         AdminRequest::Peers => vec![Effect::ReplyWithPeers { id }],
+        AdminRequest::OpSignal {
+            cell_id,
+            op_id,
+            signal,
+            issuer,
+        } => {
+            let (mut fx, result) = apply_signal(
+                state,
+                &cell_id,
+                "",
+                op_id.as_deref(),
+                signal,
+                &SignalSource::Operator { issuer },
+            );
+            fx.push(Effect::Reply {
+                id,
+                reply: match result {
+                    Ok(after) => AdminReply::Ok(serde_json::json!(after)),
+                    Err(e) => AdminReply::Err(e),
+                },
+            });
+            fx
+        }
+        AdminRequest::OpList => {
+            let rows: Vec<serde_json::Value> = state
+                .op_states
+                .iter()
+                .map(|((c, r, o), s)| serde_json::json!({"cellId": c, "runId": r, "opId": o, "state": s}))
+                .collect();
+            vec![Effect::Reply {
+                id,
+                reply: AdminReply::Ok(serde_json::Value::Array(rows)),
+            }]
+        }
         AdminRequest::StallDrain(ms) => vec![
             Effect::Warn(format!(
                 "stalling the drain thread for {ms} ms on request (fault injection)"
@@ -758,7 +937,7 @@ mod tests {
         let mut record = SilenceRecord::default();
         record.fired.insert(("a".into(), "r1".into()));
         record.awaiting_resume.insert(("a".into(), "r1".into()));
-        let (mut s, fx) = State::new(reg, &record, 500 * S);
+        let (mut s, fx) = State::new(reg, &record, OpStore::new(None), 500 * S);
         assert_eq!(
             fx,
             vec![Effect::WatchResume {
@@ -805,5 +984,100 @@ mod tests {
         );
         assert_eq!(s.deadlines.next(), None);
         assert!(tick(&mut s, 1_000 * S, 0).is_empty());
+    }
+
+    #[test]
+    fn signals_are_applied_audited_and_enforced_on_the_cell_cgroup() {
+        let mut s = State::default();
+        s.ops.mark_restored();
+        let mut c = cell("a", "r1", 3);
+        c.cgroup = Some("/sys/fs/cgroup/cells/a".into());
+        step(
+            &mut s,
+            Event::Admin {
+                id: 1,
+                request: AdminRequest::CellAdd(c),
+            },
+            0,
+        );
+        let sig = |cell: &str, op: Option<&str>, signal| AdminRequest::OpSignal {
+            cell_id: cell.into(),
+            op_id: op.map(str::to_string),
+            signal,
+            issuer: "uid:0".into(),
+        };
+        let fx = step(
+            &mut s,
+            Event::Admin {
+                id: 2,
+                request: sig("a", Some("t:s"), Signal::Terminate),
+            },
+            0,
+        );
+        assert!(fx.iter().any(|e| matches!(e, Effect::Emit(ev) if ev.event_type == "dev.vigil.opcontrol.v1.signal_applied" && ev.data["stateAfter"] == "terminated")));
+        assert!(fx.contains(&Effect::Reply {
+            id: 2,
+            reply: AdminReply::Ok(serde_json::json!("terminated"))
+        }));
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::Cgroup { .. })),
+            "op-level signals leave the cgroup alone"
+        );
+        let fx = step(
+            &mut s,
+            Event::Admin {
+                id: 3,
+                request: sig("a", None, Signal::Pause),
+            },
+            0,
+        );
+        assert!(fx.iter().any(|e| matches!(
+            e,
+            Effect::Cgroup {
+                signal: Signal::Pause,
+                ..
+            }
+        )));
+        let fx = step(
+            &mut s,
+            Event::Admin {
+                id: 4,
+                request: sig("zz", None, Signal::Pause),
+            },
+            0,
+        );
+        assert!(
+            matches!(fx.last(), Some(Effect::Reply { reply: AdminReply::Err(m), .. }) if m.contains("no cell"))
+        );
+        // An upstream signal for a stale run is refused but still acknowledged (not redelivered forever).
+        let fx = step(
+            &mut s,
+            Event::Signal {
+                cell_id: "a".into(),
+                run_id: "old".into(),
+                op_id: None,
+                signal: Signal::Terminate,
+                source: SignalSource::Upstream {
+                    issuer: "cp".into(),
+                },
+                upstream_ack: Some(7),
+            },
+            0,
+        );
+        assert!(fx.contains(&Effect::AckUpstream {
+            id: 7,
+            applied: true
+        }));
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Emit(_))));
+        // A new run drops the old run's op table.
+        step(
+            &mut s,
+            Event::Admin {
+                id: 5,
+                request: AdminRequest::CellAdd(cell("a", "r2", 3)),
+            },
+            0,
+        );
+        assert!(s.op_states.is_empty());
     }
 }

@@ -74,6 +74,7 @@ struct Applier {
     slots: HashMap<String, Arc<vigil_drain::CellSlot>>,
     drain_stats: Arc<vigil_drain::DrainStats>,
     health: Arc<crate::health::Source>,
+    upstream_acks: Arc<std::sync::Mutex<HashMap<u64, vigil_opcontrol::upstream::AckHandle>>>,
 }
 
 impl Applier {
@@ -94,21 +95,12 @@ impl Applier {
                     silence::TYPE_RESUMED => self.health.silence(&ev.cell_id, None),
                     _ => {}
                 }
-                let data = serde_json::to_vec(&ev.data).unwrap_or_default();
-                let input = vigil_journal::EventIn {
-                    token: 0,
-                    cell_id: ev.cell_id.into(),
-                    run_id: ev.run_id.into(),
-                    stream_id: None,
-                    guest_seq: None,
-                    event_type: ev.event_type.to_string(),
-                    op_id: None,
-                    content_type: "application/json".into(),
-                    data,
-                    guest_time_unix_nano: None,
-                    recv_time_unix_nano: unix_nanos(),
-                    claims: None,
-                };
+                let input = own_event(
+                    &ev.cell_id,
+                    &ev.run_id,
+                    ev.event_type,
+                    serde_json::to_vec(&ev.data).unwrap_or_default(),
+                );
                 if self.journal.send(vec![input]).is_err() {
                     tracing::error!("the journal stopped: could not record {}", ev.event_type);
                 }
@@ -151,6 +143,45 @@ impl Applier {
                     .send(vigil_drain::DrainCommand::RemoveCell { cell: cell.clone() })
                 {
                     tracing::error!("could not remove cell {cell} from the drain: {e}");
+                }
+            }
+            Effect::Cgroup {
+                cell_id,
+                path,
+                signal,
+            } => {
+                let journal = self.journal.clone();
+                tokio::task::spawn_blocking(move || {
+                    let Some(audit) = crate::killswitch::enforce_cgroup(&cell_id, &path, signal)
+                    else {
+                        return;
+                    };
+                    tracing::info!(
+                        "cell {cell_id}: cgroup {} {}",
+                        path.display(),
+                        String::from_utf8_lossy(&audit.data_json())
+                    );
+                    let ev = own_event(&cell_id, "", audit.event_type(), audit.data_json());
+                    let _ = journal.send(vec![ev]);
+                });
+            }
+            Effect::AckUpstream { id, applied } => {
+                let handle = self
+                    .upstream_acks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&id);
+                if let Some(h) = handle {
+                    tokio::spawn(async move {
+                        let r = if applied {
+                            h.applied().await
+                        } else {
+                            h.not_applied().await
+                        };
+                        if let Err(e) = r {
+                            tracing::warn!("acknowledging an upstream signal failed ({e}); it will be redelivered");
+                        }
+                    });
                 }
             }
             Effect::DrainStall(ms) => {
@@ -214,6 +245,84 @@ impl Applier {
     }
 }
 
+/// Starts the upstream control-plane consumer when `control.nats_url` is set: each signal
+/// becomes a reducer event; its ack handle waits in `acks` until the reducer applied it.
+fn start_upstream(
+    rt: &tokio::runtime::Runtime,
+    cfg: &Config,
+    events: mpsc::Sender<Event>,
+    acks: &Arc<std::sync::Mutex<HashMap<u64, vigil_opcontrol::upstream::AckHandle>>>,
+) -> Option<oneshot::Sender<()>> {
+    use vigil_opcontrol::upstream;
+    if cfg.control.nats_url.is_empty() {
+        return None;
+    }
+    let (tx, mut rx) = upstream::signal_channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let ucfg = upstream::UpstreamConfig::new(cfg.control.nats_url.clone(), cfg.host_name());
+    tracing::info!(
+        "control signals from {} subject {}",
+        cfg.control.nats_url,
+        ucfg.subject()
+    );
+    rt.spawn(async move {
+        let stats = Arc::new(upstream::UpstreamStats::default());
+        if let Err(e) = upstream::run(ucfg, tx, stats, async move {
+            let _ = stop_rx.await;
+        })
+        .await
+        {
+            tracing::error!("the upstream control-plane consumer stopped: {e}");
+        }
+    });
+    let acks = Arc::clone(acks);
+    rt.spawn(async move {
+        let mut next_id = 0u64;
+        while let Some(sig) = rx.recv().await {
+            next_id += 1;
+            acks.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(next_id, sig.ack);
+            let s = sig.signal;
+            let event = Event::Signal {
+                cell_id: s.cell_id,
+                run_id: s.run_id,
+                op_id: (!s.op_id.is_empty()).then_some(s.op_id),
+                signal: vigil_opcontrol::Signal::from_wire(s.signal),
+                source: vigil_opcontrol::SignalSource::Upstream { issuer: s.issuer },
+                upstream_ack: Some(next_id),
+            };
+            if events.send(event).await.is_err() {
+                break;
+            }
+        }
+    });
+    Some(stop_tx)
+}
+
+/// One of vigil's own events (no stream, no guest sequence), for the journal.
+fn own_event(
+    cell_id: &str,
+    run_id: &str,
+    event_type: &str,
+    data: Vec<u8>,
+) -> vigil_journal::EventIn {
+    vigil_journal::EventIn {
+        token: 0,
+        cell_id: cell_id.into(),
+        run_id: run_id.into(),
+        stream_id: None,
+        guest_seq: None,
+        event_type: event_type.to_string(),
+        op_id: None,
+        content_type: "application/json".into(),
+        data,
+        guest_time_unix_nano: None,
+        recv_time_unix_nano: unix_nanos(),
+        claims: None,
+    }
+}
+
 /// Loads the kernel programs, or says once and clearly why vigil runs without them.
 fn load_probes() -> Option<Probes> {
     if let Err(e) = sys::check_bpf_capabilities() {
@@ -265,6 +374,7 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
     // Silence facts already on record (fire-once across restarts), read before the journal
     // starts writing again.
     let record = silence_record(&cfg.journal.dir);
+    let terminates = crate::killswitch::persisted_terminates(&cfg.journal.dir);
     if !record.fired.is_empty() {
         tracing::info!(
             "{} run(s) already silenced on record; they will not be reported again",
@@ -283,7 +393,7 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
     let drain_cfg = vigil_drain::DrainConfig {
         listen_vsock: cfg.listen.vsock,
         max_frame_bytes: cfg.listen.max_frame_bytes,
-        deny_policy_queries_inline: true,
+        deny_policy_queries_inline: false,
         ..vigil_drain::DrainConfig::new(cfg.listen.port)
     };
     let mut applier_slots = HashMap::new();
@@ -301,7 +411,17 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let drain = vigil_drain::spawn(drain_cfg, specs).context("starting the drain loop")?;
+    // The enforcement path: the drain thread answers policy queries from its own view of the
+    // op-control state; until the persisted terminates are re-applied below, every query is
+    // denied (state unknown: fail-closed).
+    let (publisher, updates) = vigil_opcontrol::view::update_channel();
+    let gate = crate::killswitch::Gate::new(vigil_opcontrol::view::DrainView::new(updates));
+    let drain = vigil_drain::spawn_with_gate(drain_cfg, specs, Some(Box::new(gate)))
+        .context("starting the drain loop")?;
+    let waker = drain.commander();
+    let ops = vigil_opcontrol::store::OpStore::new(Some(
+        publisher.with_waker(Arc::new(move || waker.wake())),
+    ));
     if let Some(e) = drain.vsock_error() {
         tracing::warn!("no AF_VSOCK listener: {e}; hybrid-vsock cells are still served");
     }
@@ -330,6 +450,9 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
             .spawn(move || forward(f))?
     };
 
+    let upstream_acks: Arc<std::sync::Mutex<HashMap<u64, vigil_opcontrol::upstream::AckHandle>>> =
+        Arc::default();
+    let upstream_tx = ev_tx.clone();
     drop(ev_tx);
     for c in registry.iter() {
         if let Some(slot) = applier_slots.get(&c.cell_id) {
@@ -347,11 +470,23 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
         slots: applier_slots,
         drain_stats: Arc::clone(drain.stats()),
         health: Arc::clone(&health),
+        upstream_acks: Arc::clone(&upstream_acks),
     };
-    let (state, start_effects) = State::new(registry, &record, sys::monotonic_ns());
+    let (mut state, start_effects) = State::new(registry, &record, ops, sys::monotonic_ns());
+    let report = state.ops.restore(terminates);
+    state.ops.mark_restored();
+    if report.applied + report.skipped_unknown_run + report.refused_table_full > 0 {
+        tracing::info!(
+            "re-applied {} persisted terminate(s) ({} for runs no longer registered, {} refused: table full)",
+            report.applied,
+            report.skipped_unknown_run,
+            report.refused_table_full
+        );
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let upstream_stop = start_upstream(&rt, cfg, upstream_tx, &upstream_acks);
     let admin_listener = rt.block_on(async { crate::admin::bind(&cfg.admin.socket) })?;
     tracing::info!("admin socket {}", cfg.admin.socket.display());
     let http = match cfg.http.socket_addr()? {
@@ -404,6 +539,9 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
         reducer_slot,
     ))?;
     let _ = notifier.stopping();
+    if let Some(stop) = upstream_stop {
+        let _ = stop.send(());
+    }
     if let Some(server) = http {
         rt.block_on(server.shutdown());
     }
@@ -526,6 +664,18 @@ fn forward(f: Forward) {
                     O::Rejected { reason, peer } => {
                         health.metrics.reject(reason.name());
                         to_reducer(Event::Rejected { reason: reason.name(), peer: format!("{peer:?}") });
+                    }
+                    O::PolicyAudit { cell, op_id, action, decision, held_ns, .. } => {
+                        health.metrics.opcontrol_decision(decision);
+                        let data = serde_json::json!({
+                            "cellId": &*cell.cell_id, "runId": &*cell.run_id,
+                            "opId": (!op_id.is_empty()).then_some(op_id), "action": action,
+                            "decision": decision, "heldMs": held_ns / 1_000_000,
+                        });
+                        let ev = own_event(&cell.cell_id, &cell.run_id, crate::killswitch::TYPE_DECISION, serde_json::to_vec(&data).unwrap_or_default());
+                        if input.send(vec![ev]).is_err() {
+                            break;
+                        }
                     }
                     O::CellError { cell_id, error } => tracing::error!("the drain could not register cell {cell_id}: {error}"),
                     O::PolicyQuery { .. } | O::ExecutorStats { .. } => {}

@@ -343,3 +343,107 @@ fn a_stalled_receiver_is_blamed_on_the_host_not_the_guest() {
         "the guest was not silent: do not blame it"
     );
 }
+
+/// The decisions `vigil emit --ask` printed, in order.
+fn ask(path: &Path, op_action: &str, timeout_ms: u64) -> Vec<String> {
+    let o = Command::new(VIGIL)
+        .args(["emit", "--unix"])
+        .arg(path)
+        .args([
+            "--stream",
+            "asker",
+            "--count",
+            "0",
+            "--ask",
+            op_action,
+            "--ack-timeout-ms",
+            &timeout_ms.to_string(),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["decision"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn kill_switch_allows_denies_holds_and_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    config(
+        dir,
+        &format!(
+            "[[cell]]\ncell_id = \"k\"\nrun_id = \"r1\"\nuds_path = \"{}/k.vsock\"\n",
+            dir.display()
+        ),
+    );
+    let sock = dir.join("k.vsock_7000");
+    let d = Daemon::start(dir);
+    assert_eq!(ask(&sock, "t1:s1:exec", 2_000), vec!["ALLOW"]);
+    assert_eq!(
+        ctl(dir, &["op", "terminate", "k", "t1:s1"]).1.trim(),
+        "terminated"
+    );
+    assert_eq!(ask(&sock, "t1:s1:exec", 2_000), vec!["DENY"]);
+    // Sticky: a later pause or resume does not lift a terminate.
+    assert_eq!(
+        ctl(dir, &["op", "resume", "k", "t1:s1"]).1.trim(),
+        "terminated"
+    );
+    assert_eq!(ask(&sock, "t1:s1:exec", 2_000), vec!["DENY"]);
+
+    // A held query is released by resume, and does not stall other connections meanwhile.
+    assert_eq!(ctl(dir, &["op", "pause", "k", "t2:s2"]).1.trim(), "paused");
+    let s2 = sock.clone();
+    let held = std::thread::spawn(move || ask(&s2, "t2:s2:exec", 10_000));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = emit(&sock, "other", 200, &[]);
+    assert_eq!(
+        r["acked_through"], 200,
+        "other connections go on while a query is held: {r}"
+    );
+    assert_eq!(
+        ctl(dir, &["op", "resume", "k", "t2:s2"]).1.trim(),
+        "running"
+    );
+    assert_eq!(held.join().unwrap(), vec!["HOLD", "ALLOW"]);
+
+    // A held query is released by terminate, with a deny.
+    ctl(dir, &["op", "pause", "k", "t3:s3"]);
+    let s3 = sock.clone();
+    let held = std::thread::spawn(move || ask(&s3, "t3:s3:exec", 10_000));
+    std::thread::sleep(Duration::from_millis(300));
+    ctl(dir, &["op", "terminate", "k", "t3:s3"]);
+    assert_eq!(held.join().unwrap(), vec!["HOLD", "DENY"]);
+
+    // A cell-level pause holds every op of the run.
+    ctl(dir, &["cell", "pause", "k"]);
+    let s4 = sock.clone();
+    let held = std::thread::spawn(move || ask(&s4, "t4:s4:read", 10_000));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ctl(dir, &["cell", "resume", "k"]).1.trim(), "running");
+    assert_eq!(held.join().unwrap(), vec!["HOLD", "ALLOW"]);
+    d.stop();
+
+    // Terminates survive a restart of vigil (re-applied from the journal before queries are
+    // answered); what was only paused is not.
+    let d = Daemon::start(dir);
+    assert_eq!(ask(&sock, "t1:s1:exec", 2_000), vec!["DENY"]);
+    assert_eq!(ask(&sock, "t3:s3:exec", 2_000), vec!["DENY"]);
+    assert_eq!(ask(&sock, "t2:s2:exec", 2_000), vec!["ALLOW"]);
+    d.stop();
+    verify(dir);
+    let applied = tail(dir, Some("dev.vigil.opcontrol.v1.signal_applied"));
+    assert!(applied.len() >= 8, "{applied:?}");
+    let decisions = tail(dir, Some("dev.vigil.opcontrol.v1.decision"));
+    let kinds: Vec<&str> = decisions
+        .iter()
+        .filter_map(|e| e["data"]["decision"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"deny_terminated") && kinds.contains(&"hold") && kinds.contains(&"allow"),
+        "{kinds:?}"
+    );
+}

@@ -185,6 +185,11 @@ impl DrainCommander {
         self.wake.wake();
         Ok(())
     }
+
+    /// Wakes the loop without a command (an op-control gate has updates to apply).
+    pub fn wake(&self) {
+        self.wake.wake();
+    }
 }
 
 /// The running drain: its command sender, output receiver, counters and thread.
@@ -254,6 +259,15 @@ impl Drop for DrainHandle {
 /// buffer ring and every listener are set up (errors are returned here, except the vsock
 /// listener's, which is kept in [`DrainHandle::vsock_error`]).
 pub fn spawn(config: DrainConfig, cells: Vec<CellSpec>) -> Result<DrainHandle, DrainError> {
+    spawn_with_gate(config, cells, None)
+}
+
+/// [`spawn`], with an op-control gate that answers policy queries on the drain thread.
+pub fn spawn_with_gate(
+    config: DrainConfig,
+    cells: Vec<CellSpec>,
+    gate: Option<Box<dyn crate::policy::PolicyGate>>,
+) -> Result<DrainHandle, DrainError> {
     let (out_tx, out_rx) = crossbeam_channel::bounded(HANDOFF_CAPACITY);
     let (cmd_tx, cmd_rx) = crossbeam_channel::bounded(COMMAND_CAPACITY);
     let wake = Arc::new(EventFd::new().map_err(DrainError::Wake)?);
@@ -267,7 +281,8 @@ pub fn spawn(config: DrainConfig, cells: Vec<CellSpec>) -> Result<DrainHandle, D
             .spawn(move || {
                 let drain = Drain::new(config, cells, out_tx, cmd_rx, wake, stats);
                 match drain {
-                    Ok((drain, vsock_error)) => {
+                    Ok((mut drain, vsock_error)) => {
+                        drain.gate = gate;
                         let _ = init_tx.send(Ok(vsock_error));
                         drain.run()
                     }
@@ -389,6 +404,9 @@ struct Drain {
     sq_backlog: VecDeque<squeue::Entry>,
     shutdown_deadline: Option<u64>,
     consumer_gone: bool,
+    /// The op-control gate answering policy queries on this thread, if the daemon has one.
+    gate: Option<Box<dyn crate::policy::PolicyGate>>,
+    released: Vec<crate::policy::GateRelease>,
 }
 
 fn build_ring() -> Result<IoUring, DrainError> {
@@ -452,6 +470,8 @@ impl Drain {
             sq_backlog: VecDeque::new(),
             shutdown_deadline: None,
             consumer_gone: false,
+            gate: None,
+            released: Vec::new(),
         };
         let mut vsock_error = None;
         if drain.config.listen_vsock {
@@ -994,6 +1014,9 @@ impl Drain {
         };
         if c.shut && !c.recv_armed && !c.poll_armed && !c.send_inflight && !c.closed_queued {
             c.closed_queued = true;
+            if let Some(gate) = self.gate.as_deref_mut() {
+                gate.cancel_conn(c.id.token());
+            }
             c.pending.push_back(DrainOutput::Closed {
                 conn: c.id,
                 cell: Arc::clone(&c.session.cell),
@@ -1116,7 +1139,11 @@ impl Drain {
                             &mut c.session,
                             data,
                             now,
-                            deny_inline,
+                            match self.gate.as_deref_mut() {
+                                Some(gate) => protocol::Policy::Gate(gate),
+                                None if deny_inline => protocol::Policy::DenyInline,
+                                None => protocol::Policy::Caller,
+                            },
                             &self.stats,
                             &mut c.pending,
                             &mut c.send_queue,
@@ -1257,6 +1284,47 @@ impl Drain {
             }
             DrainCommand::Shutdown => self.start_shutdown(now),
             DrainCommand::Stall(how_long) => std::thread::sleep(how_long),
+        }
+    }
+
+    /// Answers the held policy queries the gate released (a resume or terminate arrived) and
+    /// audits the end of each hold.
+    fn release_held(&mut self, now: u64) {
+        let Some(gate) = self.gate.as_deref_mut() else {
+            return;
+        };
+        gate.poll(now, &mut self.released);
+        if self.released.is_empty() {
+            return;
+        }
+        let stats = Arc::clone(&self.stats);
+        for r in std::mem::take(&mut self.released) {
+            let conn = ConnId::from_token(r.conn_token);
+            let decision = if r.allow {
+                pb::policy_decision::Decision::Allow
+            } else {
+                pb::policy_decision::Decision::Deny
+            };
+            let frame = pb::HostFrame {
+                kind: Some(pb::host_frame::Kind::PolicyDecision(pb::PolicyDecision {
+                    query_id: r.query_id,
+                    decision: decision as i32,
+                    reason: r.reason,
+                })),
+            };
+            self.send_frame(conn, &frame, &stats);
+            if let Some(c) = self.conn_by_id(conn) {
+                let cell = Arc::clone(&c.session.cell);
+                c.pending.push_back(DrainOutput::PolicyAudit {
+                    conn,
+                    cell,
+                    op_id: r.op_id,
+                    action: r.action,
+                    decision: r.label,
+                    held_ns: r.held_ns,
+                });
+                self.mark_service(conn.slot);
+            }
         }
     }
 
@@ -1402,6 +1470,7 @@ impl Drain {
                 }
             }
             self.check_hello_timeouts(now);
+            self.release_held(now);
             for l in 0..self.listeners.len() as u32 {
                 if self.listeners[l as usize]
                     .as_ref()

@@ -9,6 +9,7 @@ pub mod bufring;
 pub mod cell;
 pub mod event_loop;
 pub mod output;
+pub mod policy;
 pub mod protocol;
 pub mod reject_log;
 pub mod stats;
@@ -16,9 +17,10 @@ pub mod sys;
 
 pub use cell::{CellInfo, CellSlot, CellSpec};
 pub use event_loop::{
-    spawn, DrainCommander, DrainConfig, DrainError, DrainHandle, COMMAND_CAPACITY,
+    spawn, spawn_with_gate, DrainCommander, DrainConfig, DrainError, DrainHandle, COMMAND_CAPACITY,
     CONN_HANDOFF_QUOTA, HANDOFF_CAPACITY, IDLE_WAKE_NS, MAX_CELLS, MAX_CONNECTIONS,
 };
 pub use output::{ConnId, DrainCommand, DrainOutput, GuestBatch, GuestEvent, Peer};
+pub use policy::{GateAnswer, GateRelease, PolicyGate};
 pub use stats::{CloseReason, DrainStats, RejectReason};
 pub use sys::SysError;

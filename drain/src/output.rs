@@ -19,6 +19,21 @@ pub struct ConnId {
     pub generation: u32,
 }
 
+impl ConnId {
+    /// The connection as one opaque `u64` (journal tokens, policy gates).
+    pub fn token(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.slot)
+    }
+
+    /// The inverse of [`ConnId::token`].
+    pub fn from_token(token: u64) -> Self {
+        Self {
+            slot: token as u32,
+            generation: (token >> 32) as u32,
+        }
+    }
+}
+
 /// One guest event, owning its strings and payload: copied once out of the receive buffer
 /// into a single allocation (type, op id, content type and payload back to back), so an
 /// event costs one allocation, not four.
@@ -185,6 +200,17 @@ pub enum DrainOutput {
     },
     /// A connection was refused before being assigned to a cell.
     Rejected { reason: RejectReason, peer: Peer },
+    /// A policy query was denied or held, or a hold ended (for the audit trail).
+    PolicyAudit {
+        conn: ConnId,
+        cell: Arc<CellInfo>,
+        op_id: String,
+        action: String,
+        /// `deny_*`, `hold`, or the final decision of an ended hold.
+        decision: &'static str,
+        /// How long it was held (0 unless a hold ended).
+        held_ns: u64,
+    },
     /// An `AddCell` command could not be carried out (the cell is not registered).
     CellError {
         cell_id: String,

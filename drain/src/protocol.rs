@@ -66,6 +66,71 @@ impl Violation {
 #[derive(Debug)]
 enum Never {}
 
+/// Who answers a chunk's policy queries.
+pub enum Policy<'a> {
+    /// Handed to the caller as [`DrainOutput::PolicyQuery`].
+    Caller,
+    /// Denied on the drain thread (no op-control: fail-closed).
+    DenyInline,
+    /// Answered on the drain thread by the op-control gate.
+    Gate(&'a mut dyn crate::policy::PolicyGate),
+}
+
+/// Answers one query from the gate: allow and deny go out now (a deny is audited); a hold is
+/// audited and answered later when the gate releases it.
+#[allow(clippy::too_many_arguments)]
+fn answer_with_gate(
+    gate: &mut dyn crate::policy::PolicyGate,
+    conn: crate::output::ConnId,
+    cell: &Arc<crate::cell::CellInfo>,
+    q: &vigil_wire::frame::PolicyQueryView<'_>,
+    now: u64,
+    stats: &DrainStats,
+    pending: &mut VecDeque<DrainOutput>,
+    send_queue: &mut Vec<u8>,
+) {
+    use crate::policy::GateAnswer;
+    let answer = gate.query(
+        conn.token(),
+        q.query_id,
+        &cell.cell_id,
+        &cell.run_id,
+        q.op_id,
+        q.action,
+        now,
+    );
+    let (decision, reason, label) = match answer {
+        GateAnswer::Allow => (pb::policy_decision::Decision::Allow, String::new(), None),
+        GateAnswer::Deny { reason, label } => {
+            (pb::policy_decision::Decision::Deny, reason, Some(label))
+        }
+        GateAnswer::Hold => (
+            pb::policy_decision::Decision::Hold,
+            "operation paused: held until resumed or terminated".to_owned(),
+            Some("hold"),
+        ),
+    };
+    let frame = pb::HostFrame {
+        kind: Some(pb::host_frame::Kind::PolicyDecision(pb::PolicyDecision {
+            query_id: q.query_id,
+            decision: decision as i32,
+            reason,
+        })),
+    };
+    vigil_wire::frame::encode_host_frame(&frame, send_queue);
+    DrainStats::add(&stats.host_frames_sent, 1);
+    if let Some(label) = label {
+        pending.push_back(DrainOutput::PolicyAudit {
+            conn,
+            cell: Arc::clone(cell),
+            op_id: q.op_id.to_owned(),
+            action: q.action.to_owned(),
+            decision: label,
+            held_ns: 0,
+        });
+    }
+}
+
 /// Decodes one received chunk. Outputs go to `pending` in frame order (events of the chunk
 /// gathered into batches); host frames to send go to `send_queue`. Returns the violation that
 /// must close the connection, if any (frames before it were still delivered).
@@ -73,7 +138,7 @@ pub fn process_chunk(
     session: &mut Session,
     data: &[u8],
     now: u64,
-    deny_inline: bool,
+    mut policy: Policy<'_>,
     stats: &DrainStats,
     pending: &mut VecDeque<DrainOutput>,
     send_queue: &mut Vec<u8>,
@@ -120,7 +185,18 @@ pub fn process_chunk(
                 });
             }
             GuestFrameView::PolicyQuery(q) => {
-                if deny_inline {
+                if let Policy::Gate(gate) = &mut policy {
+                    answer_with_gate(
+                        &mut **gate,
+                        conn,
+                        cell_ref,
+                        &q,
+                        now,
+                        stats,
+                        pending,
+                        send_queue,
+                    );
+                } else if matches!(policy, Policy::DenyInline) {
                     let frame = pb::HostFrame {
                         kind: Some(pb::host_frame::Kind::PolicyDecision(pb::PolicyDecision {
                             query_id: q.query_id,
@@ -286,7 +362,7 @@ mod tests {
                 &mut s,
                 chunk,
                 i as u64,
-                false,
+                Policy::Caller,
                 &stats,
                 &mut pending,
                 &mut sends,
@@ -333,9 +409,16 @@ mod tests {
         bytes.extend(query(9));
         bytes.extend(event(2));
         let (mut pending, mut sends) = (VecDeque::new(), Vec::new());
-        assert!(
-            process_chunk(&mut s, &bytes, 5, false, &stats, &mut pending, &mut sends).is_none()
-        );
+        assert!(process_chunk(
+            &mut s,
+            &bytes,
+            5,
+            Policy::Caller,
+            &stats,
+            &mut pending,
+            &mut sends
+        )
+        .is_none());
         let kinds: Vec<&str> = pending
             .iter()
             .map(|o| match o {
@@ -356,7 +439,16 @@ mod tests {
         let mut bytes = hello();
         bytes.extend(query(4));
         let (mut pending, mut sends) = (VecDeque::new(), Vec::new());
-        assert!(process_chunk(&mut s, &bytes, 1, true, &stats, &mut pending, &mut sends).is_none());
+        assert!(process_chunk(
+            &mut s,
+            &bytes,
+            1,
+            Policy::DenyInline,
+            &stats,
+            &mut pending,
+            &mut sends
+        )
+        .is_none());
         assert!(!pending
             .iter()
             .any(|o| matches!(o, DrainOutput::PolicyQuery { .. })));
@@ -390,7 +482,7 @@ mod tests {
             &mut s,
             &event(1),
             0,
-            false,
+            Policy::Caller,
             &stats,
             &mut pending,
             &mut sends,
@@ -411,7 +503,16 @@ mod tests {
         bytes.extend(event(1));
         bytes.extend(hello());
         let (mut pending, mut sends) = (VecDeque::new(), Vec::new());
-        let v = process_chunk(&mut s, &bytes, 0, false, &stats, &mut pending, &mut sends).unwrap();
+        let v = process_chunk(
+            &mut s,
+            &bytes,
+            0,
+            Policy::Caller,
+            &stats,
+            &mut pending,
+            &mut sends,
+        )
+        .unwrap();
         assert_eq!(v.to_close().0, CloseReason::SecondHello);
         assert!(pending
             .iter()
@@ -423,7 +524,7 @@ mod tests {
             &mut s,
             &[0xFF; 11],
             0,
-            false,
+            Policy::Caller,
             &stats,
             &mut pending,
             &mut sends,
