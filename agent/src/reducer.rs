@@ -458,7 +458,10 @@ fn deadline(state: &mut State, cell_id: &str, observed: Observed, now_ns: u64) -
             data,
         } => {
             run.fired = true;
-            run.awaiting_resume = Some(now_ns);
+            // `agent_resumed` follows a silenced guest; a stalled receiver was the host's
+            // fault, so no resume is reported for it.
+            let guest_side = class != silence::Class::HostStalled;
+            run.awaiting_resume = guest_side.then_some(now_ns);
             *state.silence_events.entry(class.name()).or_default() += 1;
             let ev = OwnEvent {
                 cell_id: cell_id.to_string(),
@@ -476,7 +479,7 @@ fn deadline(state: &mut State, cell_id: &str, observed: Observed, now_ns: u64) -
                 Effect::Emit(ev),
                 Effect::WatchResume {
                     cell_id: cell_id.to_string(),
-                    watch: true,
+                    watch: guest_side,
                 },
             ]
         }

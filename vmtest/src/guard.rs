@@ -8,7 +8,14 @@ pub const VMTEST_TOKEN: &str = "vigil_vmtest=1";
 /// Command line key listing the scenarios the guest should run, comma-separated.
 pub const SCENARIOS_KEY: &str = "vmtest_scenarios=";
 /// Scenarios of the single loopback VM, in the order they run (the default set).
-pub const SCENARIOS: &[&str] = &["vsock-smoke", "ingest", "kernel-stats", "identity"];
+pub const SCENARIOS: &[&str] = &[
+    "vsock-smoke",
+    "ingest",
+    "kernel-stats",
+    "identity",
+    "silence",
+    "killswitch",
+];
 /// Opt-in scenario with two guests on a virtio-vsock device backed by vhost-device-vsock
 /// (hybrid vsock, the Firecracker model); it runs only when named.
 pub const HYBRID_SCENARIO: &str = "hybrid-guests";

@@ -140,6 +140,8 @@ fn run_scenario(name: &str) -> Res<String> {
         "ingest" => ingest(),
         "kernel-stats" => kernel_stats(),
         "identity" => identity(),
+        "silence" => silence(),
+        "killswitch" => killswitch(),
         guard::HYBRID_SCENARIO => hybrid_guest(),
         _ => Err(ScenarioError::Skip("unknown scenario name")),
     }
@@ -368,6 +370,13 @@ fn spawn_emit(stream: &str, count: u64, extra: &[&str]) -> Res<Child> {
 
 fn finish_emit(child: Child, stream: &str) -> Res<EmitReport> {
     let out = wait_output(child, &format!("emit --stream {stream}"), COMMAND_TIMEOUT)?;
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Err(ScenarioError::Command {
+            cmd: format!("emit --stream {stream}"),
+            status: out.status.to_string(),
+            stderr: last_line(&out.stderr),
+        });
+    }
     parse_report(&out.stdout)
 }
 
@@ -388,13 +397,37 @@ impl Vigil {
     /// Writes the config (keys as in docs/config.md: `[listen] port`/`vsock`; the brief's
     /// draft named them `vsock_port`/`hybrid_port`), starts `vigil run`, waits for ping.
     fn start(name: &str, cells: &[Cell]) -> Res<Self> {
+        let mut extra = String::new();
+        for c in cells {
+            let _ = write!(
+                extra,
+                "\n[[cell]]\ncell_id = \"{}\"\nrun_id = \"{}\"\ncid = {}\n",
+                c.id, c.run, c.cid
+            );
+        }
+        Self::start_with(name, &extra)
+    }
+
+    /// Like [`Vigil::start`], with the cells given as config text (for extra keys).
+    fn start_with(name: &str, cells_toml: &str) -> Res<Self> {
+        Self::launch(name, cells_toml, true)
+    }
+
+    /// Starts again on the state and journal a previous [`Vigil::start_with`] left.
+    fn start_with_existing(name: &str, cells_toml: &str) -> Res<Self> {
+        Self::launch(name, cells_toml, false)
+    }
+
+    fn launch(name: &str, cells_toml: &str, fresh: bool) -> Res<Self> {
         if !Path::new(VIGIL_BIN).exists() {
             return Err(ScenarioError::Skip(
                 "no vigil binary in the initramfs (its musl build failed on the host)",
             ));
         }
         let root = PathBuf::from("/tmp").join(name);
-        let _ = std::fs::remove_dir_all(&root);
+        if fresh {
+            let _ = std::fs::remove_dir_all(&root);
+        }
         std::fs::create_dir_all(root.join("state")).map_err(io("creating state dir"))?;
         let mut cfg = format!(
             "host_name = \"vmtest\"\nstate_dir = \"{r}/state\"\n\n[listen]\nport = \
@@ -402,13 +435,7 @@ impl Vigil {
              [journal]\ndir = \"{r}/journal\"\n",
             r = root.display()
         );
-        for c in cells {
-            let _ = write!(
-                cfg,
-                "\n[[cell]]\ncell_id = \"{}\"\nrun_id = \"{}\"\ncid = {}\n",
-                c.id, c.run, c.cid
-            );
-        }
+        cfg.push_str(cells_toml);
         let cfg_path = root.join("vigil.toml");
         std::fs::write(&cfg_path, cfg).map_err(io("writing vigil.toml"))?;
         let log = std::fs::File::create(root.join("vigil.log")).map_err(io("creating log"))?;
@@ -830,4 +857,173 @@ fn identity() -> Res<String> {
         "unregistered refused ({}); {count} events as cell-b/run-7 with claim only in guestclaims",
         refused.error.unwrap_or_else(|| "acked 0".into())
     ))
+}
+
+// ---- silence: guest_silent with kernel evidence, resumed, receiver_stalled -----------------
+
+const SILENCED: &str = "dev.vigil.cell.observability.v1.guest.agent_silenced";
+const RESUMED: &str = "dev.vigil.cell.observability.v1.guest.agent_resumed";
+const STALLED: &str = "dev.vigil.host.observability.v1.receiver_stalled";
+
+/// Sends a signal to a child process.
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+fn silence() -> Res<String> {
+    let mut vigil = Vigil::start_with(
+        "silence",
+        "\n[[cell]]\ncell_id = \"quiet\"\nrun_id = \"r1\"\ncid = 1\nkeepalive_ms = 1500\n",
+    )?;
+    // 1. The guest goes quiet with its connection open (SIGSTOP): the kernel sees no data
+    //    either, so the class is guest_silent, with kernel evidence. SIGCONT resumes it.
+    let child = spawn_emit("quiet", 300, &["--rate", "50", "--ack-timeout-ms", "30000"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    signal(&child, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(4));
+    signal(&child, libc::SIGCONT);
+    let r = finish_emit(child, "quiet")?;
+    if r.acked_through != 300 {
+        return Err(mismatch("quiet emitter acked", 300, r.acked_through));
+    }
+    // 2. A new run; the guest keeps sending while vigil's drain thread is stalled: the host
+    //    is at fault (receiver_stalled), not the guest.
+    vigil.ctl(&[
+        "cell",
+        "add",
+        "--cell",
+        "quiet",
+        "--run",
+        "r2",
+        "--cid",
+        "1",
+        "--keepalive-ms",
+        "1500",
+    ])?;
+    let child = spawn_emit("busy", 500, &["--rate", "100", "--ack-timeout-ms", "30000"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    vigil.ctl(&["debug", "stall-drain", "--ms", "4000"])?;
+    let r = finish_emit(child, "busy")?;
+    if r.acked_through != 500 {
+        return Err(mismatch(
+            "busy emitter acked (nothing lost across the stall)",
+            500,
+            r.acked_through,
+        ));
+    }
+    vigil.stop()?;
+    vigil.verify()?;
+    let events = vigil.tail()?;
+    let of = |ty: &str| -> Vec<&Value> { events.iter().filter(|e| e["type"] == ty).collect() };
+    let silenced = of(SILENCED);
+    if silenced.len() != 1 || silenced[0]["runid"] != "r1" {
+        return Err(mismatch(
+            "agent_silenced events",
+            "one, for run r1",
+            silenced.len(),
+        ));
+    }
+    let d = &silenced[0]["data"];
+    if d["class"] != "guest_silent" {
+        return Err(mismatch("silence class", "guest_silent", &d["class"]));
+    }
+    if !d["kernelEvidence"].is_object() {
+        return Err(mismatch(
+            "kernelEvidence",
+            "the kernel's per-peer facts",
+            &d["kernelEvidence"],
+        ));
+    }
+    if d["elapsedMs"].as_u64() < d["keepaliveWindowMs"].as_u64() {
+        return Err(mismatch("elapsedMs >= keepaliveWindowMs", "true", d));
+    }
+    let resumed = of(RESUMED);
+    if resumed.len() != 1 || resumed[0]["data"]["silentMs"].as_u64().unwrap_or(0) == 0 {
+        return Err(mismatch(
+            "agent_resumed",
+            "one, with silentMs > 0",
+            resumed.len(),
+        ));
+    }
+    let stalled = of(STALLED);
+    if stalled.len() != 1 || stalled[0]["runid"] != "r2" {
+        return Err(mismatch(
+            "receiver_stalled events",
+            "one, for run r2",
+            stalled.len(),
+        ));
+    }
+    if of(SILENCED).iter().any(|e| e["runid"] == "r2") {
+        return Err(mismatch(
+            "agent_silenced for r2",
+            "none (the guest kept sending)",
+            "one",
+        ));
+    }
+    Ok(format!(
+        "guest_silent after {} ms with kernel evidence {}, resumed after {} ms, receiver_stalled for r2 (kernelLastDataNs {})",
+        d["elapsedMs"], d["kernelEvidence"], resumed[0]["data"]["silentMs"], stalled[0]["data"]["kernelLastDataNs"]
+    ))
+}
+
+// ---- killswitch: allow, deny, hold released by resume, sticky across a restart ------------
+
+/// The decisions `vigil emit --ask` printed for one policy query over AF_VSOCK.
+fn ask(op_action: &str, timeout_ms: u64) -> Res<Vec<String>> {
+    let child = spawn_emit(
+        "asker",
+        0,
+        &[
+            "--ask",
+            op_action,
+            "--ack-timeout-ms",
+            &timeout_ms.to_string(),
+        ],
+    )?;
+    let out = wait_output(child, "emit --ask", COMMAND_TIMEOUT)?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["decision"].as_str().map(str::to_string))
+        .collect())
+}
+
+fn expect_decisions(what: &'static str, got: &[String], want: &[&str]) -> Res<()> {
+    if got.iter().map(String::as_str).eq(want.iter().copied()) {
+        Ok(())
+    } else {
+        Err(mismatch(what, want.join(","), got.join(",")))
+    }
+}
+
+fn killswitch() -> Res<String> {
+    let cells = "\n[[cell]]\ncell_id = \"k\"\nrun_id = \"r1\"\ncid = 1\n";
+    let mut vigil = Vigil::start_with("killswitch", cells)?;
+    expect_decisions("first query", &ask("t1:s1:exec", 5_000)?, &["ALLOW"])?;
+    vigil.ctl(&["op", "terminate", "k", "t1:s1"])?;
+    expect_decisions("after terminate", &ask("t1:s1:exec", 5_000)?, &["DENY"])?;
+    vigil.ctl(&["op", "pause", "k", "t2:s2"])?;
+    let held = spawn_emit(
+        "asker",
+        0,
+        &["--ask", "t2:s2:exec", "--ack-timeout-ms", "60000"],
+    )?;
+    std::thread::sleep(Duration::from_millis(1_500));
+    vigil.ctl(&["op", "resume", "k", "t2:s2"])?;
+    let out = wait_output(held, "emit --ask (held)", COMMAND_TIMEOUT)?;
+    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["decision"].as_str().map(str::to_string))
+        .collect();
+    expect_decisions("held query released by resume", &got, &["HOLD", "ALLOW"])?;
+    vigil.stop()?;
+    let mut vigil = Vigil::start_with_existing("killswitch", cells)?;
+    expect_decisions("after a restart", &ask("t1:s1:exec", 5_000)?, &["DENY"])?;
+    vigil.stop()?;
+    vigil.verify()?;
+    Ok("allow; deny after terminate; hold released by resume; deny sticky across a restart".into())
 }
