@@ -303,6 +303,7 @@ fn test(no_vm: bool) -> Result<()> {
     if !is_root() {
         println!("xtask: NOTE not running as root: root tests (eBPF load, cgroups) will print SKIPPED; run `sudo cargo xtask test` to include them");
     }
+    lint()?;
     let t = Instant::now();
     let mut c = cargo();
     c.current_dir(root())
@@ -327,19 +328,107 @@ fn test(no_vm: bool) -> Result<()> {
         cargo().current_dir(root()).args(["test", "-p", "vmtest"]),
         "run the vmtest harness's own unit tests",
     )?;
+    miri()?;
     if no_vm {
         println!("xtask: VM tests SKIPPED (--no-vm)");
         return Ok(());
     }
-    let mut args = Vec::new();
-    if is_ci() {
-        args.extend([
-            "--kernel".to_string(),
-            "all".to_string(),
-            "--strict".to_string(),
-        ]);
-    }
+    // CI: both kernels, every scenario including the two hybrid-vsock guests, and a skip is a
+    // failure. Elsewhere: the default kernel and the loopback scenarios (quicker).
+    let args: Vec<String> = if is_ci() {
+        [
+            "--kernel",
+            "all",
+            "--strict",
+            "vsock-smoke",
+            "ingest",
+            "kernel-stats",
+            "identity",
+            "silence",
+            "killswitch",
+            "hybrid-guests",
+        ]
+        .map(String::from)
+        .to_vec()
+    } else {
+        ["--kernel", "6.1"].map(String::from).to_vec()
+    };
     vmtest(&args)
+}
+
+/// rustfmt and clippy (pedantic, `-D warnings`) over every host crate: fails fast, before
+/// the long test run.
+fn lint() -> Result<()> {
+    let t = Instant::now();
+    run(
+        cargo()
+            .current_dir(root())
+            .args(["fmt", "--all", "--", "--check"]),
+        "check formatting (run `cargo fmt --all`)",
+    )?;
+    run(
+        cargo()
+            .current_dir(root())
+            .args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "vigil-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("VIGIL_EBPF_OBJECT", ebpf_object()),
+        "lint with clippy",
+    )?;
+    println!(
+        "xtask: fmt and clippy clean in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The timing slots' lock-free code under Miri (undefined-behaviour check), when the nightly
+/// miri component can be installed; says plainly when it cannot.
+fn miri() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("miri")) {
+        let ok = Command::new("rustup")
+            .args(["component", "add", "miri", "--toolchain", "nightly"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            if is_ci() {
+                bail!("the nightly miri component could not be installed, so the timing slots cannot be checked under Miri");
+            }
+            println!("xtask: Miri SKIPPED: the nightly miri component could not be installed");
+            return Ok(());
+        }
+    }
+    let t = Instant::now();
+    run(
+        Command::new("cargo")
+            .current_dir(root())
+            .args(["+nightly", "miri", "test", "-p", "vigil-timing"])
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WRAPPER")
+            .env_remove("CARGO")
+            .env_remove("RUSTUP_TOOLCHAIN"),
+        "run the timing slots under Miri",
+    )?;
+    println!(
+        "xtask: timing slots clean under Miri in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Exit code the harness uses for "QEMU cannot run here" (skipped, not failed).
