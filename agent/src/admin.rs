@@ -294,6 +294,7 @@ mod tests {
                 uds_path: None,
                 keepalive_ms: 5,
                 cgroup: None,
+                probes: None,
             },
         };
         let s = serde_json::to_string(&r).unwrap();

@@ -163,6 +163,9 @@ pub struct CellConfig {
     pub keepalive_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// Host probe declarations for the cell (TOML; see docs/health.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<PathBuf>,
 }
 
 fn default_keepalive() -> u64 {

@@ -154,6 +154,9 @@ enum CellCommand {
         /// The cell's cgroup (for pause/terminate enforcement).
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// Host probe declarations for the cell (TOML, see docs/health.md).
+        #[arg(long)]
+        probes: Option<PathBuf>,
     },
     /// Remove a cell (ends its run).
     Remove { cell: String },
@@ -310,6 +313,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                 uds,
                 keepalive_ms,
                 cgroup,
+                probes,
             } => (
                 Request::CellAdd {
                     cell: config::CellConfig {
@@ -319,6 +323,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                         uds_path: uds,
                         keepalive_ms,
                         cgroup,
+                        probes,
                     },
                 },
                 true,

@@ -645,6 +645,7 @@ mod tests {
             uds_path: None,
             keepalive_ms: 10_000,
             cgroup: None,
+            probes: None,
         }
     }
 

@@ -187,6 +187,7 @@ mod tests {
             uds_path: uds.map(PathBuf::from),
             keepalive_ms: 10_000,
             cgroup: None,
+            probes: None,
         }
     }
 

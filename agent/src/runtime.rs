@@ -75,9 +75,70 @@ struct Applier {
     drain_stats: Arc<vigil_drain::DrainStats>,
     health: Arc<crate::health::Source>,
     upstream_acks: Arc<std::sync::Mutex<HashMap<u64, vigil_opcontrol::upstream::AckHandle>>>,
+    /// One host-probe driver per cell that declares probes.
+    probes_running: HashMap<String, Arc<vigil_health::probes::ProbeDriver>>,
+    probe_events: mpsc::Sender<vigil_health::probes::ProbeEvent>,
 }
 
 impl Applier {
+    /// Starts (or resets, on a new run or new declarations) the cell's host probes. A reset
+    /// aborts every running ticker before the new topology is emitted (the driver's order).
+    fn start_probes(&mut self, cell: &CellConfig) {
+        use vigil_health::probes::{
+            CellTarget, CellTransport, Declarations, ProbeDriver, ProbeOptions,
+        };
+        let Some(path) = &cell.probes else {
+            self.stop_probes(&cell.cell_id);
+            return;
+        };
+        let decls = match Declarations::load(path) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("cell {}: probe declarations not loaded: {e}", cell.cell_id);
+                return;
+            }
+        };
+        let transport = match (&cell.uds_path, cell.cid) {
+            (Some(p), _) => CellTransport::Hybrid {
+                uds_path: p.clone(),
+            },
+            (None, Some(cid)) => CellTransport::Vsock { cid },
+            (None, None) => return,
+        };
+        let target = CellTarget {
+            cell_id: cell.cell_id.clone(),
+            run_id: cell.run_id.clone(),
+            transport,
+        };
+        if let Some(driver) = self.probes_running.get(&cell.cell_id) {
+            let driver = Arc::clone(driver);
+            tokio::spawn(async move {
+                if let Err(e) = driver.reset(target, decls).await {
+                    tracing::warn!("resetting host probes failed: {e}");
+                }
+            });
+        } else {
+            let driver = ProbeDriver::spawn(
+                target,
+                decls,
+                self.probe_events.clone(),
+                ProbeOptions::default(),
+            );
+            self.probes_running
+                .insert(cell.cell_id.clone(), Arc::new(driver));
+        }
+    }
+
+    fn stop_probes(&mut self, cell_id: &str) {
+        if let Some(driver) = self.probes_running.remove(cell_id) {
+            tokio::spawn(async move {
+                if let Ok(d) = Arc::try_unwrap(driver) {
+                    d.stop().await;
+                }
+            });
+        }
+    }
+
     /// Carries out one effect; some produce events the reducer must see next.
     fn apply(&mut self, effect: Effect, follow_up: &mut Vec<Event>) {
         match effect {
@@ -127,6 +188,7 @@ impl Applier {
                 }
             }
             Effect::DrainAddCell(cell) => {
+                self.start_probes(&cell);
                 let spec = self.spec(&cell);
                 if let Err(e) = self.drain.send(vigil_drain::DrainCommand::AddCell(spec)) {
                     tracing::error!(
@@ -136,6 +198,7 @@ impl Applier {
                 }
             }
             Effect::DrainRemoveCell(cell) => {
+                self.stop_probes(&cell);
                 self.slots.remove(&cell);
                 self.health.remove_cell(&cell);
                 if let Err(e) = self
@@ -244,6 +307,10 @@ impl Applier {
         }
     }
 }
+
+/// Probe events waiting to be journaled. Probes tick at most every 5 s each; 1,024 absorbs a
+/// reset of many cells at once. When full, the probe drivers wait (no event is dropped).
+const PROBE_EVENT_CAPACITY: usize = 1_024;
 
 /// Starts the upstream control-plane consumer when `control.nats_url` is set: each signal
 /// becomes a reducer event; its ack handle waits in `acks` until the reducer applied it.
@@ -444,6 +511,7 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
             resume: Arc::clone(&resume),
             health: Arc::clone(&health),
             slot: timing.register_writer("forward")?,
+            timing: timing.clone(),
         };
         std::thread::Builder::new()
             .name("vigil-forward".into())
@@ -459,6 +527,8 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
             health.set_cell(&c.cell_id, &c.run_id, Arc::clone(slot));
         }
     }
+    let (probe_events, mut probe_rx) =
+        mpsc::channel::<vigil_health::probes::ProbeEvent>(PROBE_EVENT_CAPACITY);
     let applier = Applier {
         probes,
         drain: drain.commander(),
@@ -471,6 +541,8 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
         drain_stats: Arc::clone(drain.stats()),
         health: Arc::clone(&health),
         upstream_acks: Arc::clone(&upstream_acks),
+        probes_running: HashMap::new(),
+        probe_events,
     };
     let (mut state, start_effects) = State::new(registry, &record, ops, sys::monotonic_ns());
     let report = state.ops.restore(terminates);
@@ -487,6 +559,21 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let upstream_stop = start_upstream(&rt, cfg, upstream_tx, &upstream_acks);
+    {
+        let journal = journal.input.clone();
+        rt.spawn(async move {
+            while let Some(ev) = probe_rx.recv().await {
+                let (cell, run) = ev.cell_run();
+                let data = serde_json::to_vec(&ev.data()).unwrap_or_default();
+                if journal
+                    .send(vec![own_event(cell, run, ev.event_type(), data)])
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
     let admin_listener = rt.block_on(async { crate::admin::bind(&cfg.admin.socket) })?;
     tracing::info!("admin socket {}", cfg.admin.socket.display());
     let http = match cfg.http.socket_addr()? {
@@ -585,17 +672,6 @@ fn journal_config(cfg: &Config) -> vigil_journal::JournalConfig {
     }
 }
 
-fn token(conn: vigil_drain::ConnId) -> u64 {
-    (u64::from(conn.generation) << 32) | u64::from(conn.slot)
-}
-
-fn conn_of(token: u64) -> vigil_drain::ConnId {
-    vigil_drain::ConnId {
-        slot: token as u32,
-        generation: (token >> 32) as u32,
-    }
-}
-
 /// Wall-clock ns since the Unix epoch (host receive time stamped on events).
 fn unix_nanos() -> u64 {
     std::time::SystemTime::now()
@@ -614,6 +690,7 @@ struct Forward {
     resume: Arc<ResumeWatch>,
     health: Arc<crate::health::Source>,
     slot: vigil_timing::SlotWriter,
+    timing: vigil_timing::SlotTable,
 }
 
 fn forward(f: Forward) {
@@ -627,7 +704,10 @@ fn forward(f: Forward) {
         resume,
         health,
         mut slot,
+        timing,
     } = f;
+    // Guest-reported executor tasks, per cell run, in the timing table ("cell/<id>/<task>").
+    let mut groups: HashMap<String, (Arc<str>, vigil_timing::CellGroup)> = HashMap::new();
     slot.start(sys::monotonic_ns());
     let mut claims: HashMap<vigil_drain::ConnId, Claims> = HashMap::new();
     let to_reducer = |e: Event| {
@@ -678,14 +758,15 @@ fn forward(f: Forward) {
                         }
                     }
                     O::CellError { cell_id, error } => tracing::error!("the drain could not register cell {cell_id}: {error}"),
-                    O::PolicyQuery { .. } | O::ExecutorStats { .. } => {}
+                    O::ExecutorStats { cell, stats, .. } => guest_tasks(&timing, &mut groups, &cell, &stats),
+                    O::PolicyQuery { .. } => {}
                 }
             }
             recv(acks) -> a => {
                 let Ok(a) = a else { break };
                 health.metrics.acks_sent(a.len() as u64);
                 for ack in a {
-                    let _ = drain.send(vigil_drain::DrainCommand::Ack { conn: conn_of(ack.token), durable_seq: ack.durable_seq });
+                    let _ = drain.send(vigil_drain::DrainCommand::Ack { conn: vigil_drain::ConnId::from_token(ack.token), durable_seq: ack.durable_seq });
                 }
             }
         }
@@ -694,6 +775,49 @@ fn forward(f: Forward) {
 }
 
 type Claims = Arc<std::collections::BTreeMap<String, String>>;
+
+/// Folds a guest's executor stats frame into its cell's task slots, registering the group on
+/// the first frame of a run (at most `MAX_TASKS_PER_CELL` tasks; more are refused and logged).
+fn guest_tasks(
+    timing: &vigil_timing::SlotTable,
+    groups: &mut HashMap<String, (Arc<str>, vigil_timing::CellGroup)>,
+    cell: &vigil_drain::CellInfo,
+    stats: &vigil_wire::pb::ExecutorStats,
+) {
+    let now = sys::monotonic_ns();
+    let stale = groups
+        .get(&*cell.cell_id)
+        .is_some_and(|(run, _)| *run != cell.run_id);
+    if stale {
+        groups.remove(&*cell.cell_id);
+    }
+    if !groups.contains_key(&*cell.cell_id) {
+        let names: Vec<&str> = stats.tasks.iter().map(|t| t.task.as_str()).collect();
+        match vigil_timing::CellGroup::register(timing, &cell.cell_id, &names) {
+            Ok(g) => {
+                groups.insert(cell.cell_id.to_string(), (Arc::clone(&cell.run_id), g));
+            }
+            Err(e) => {
+                tracing::warn!("cell {}: guest task timing not recorded: {e}", cell.cell_id);
+                return;
+            }
+        }
+    }
+    let Some((_, group)) = groups.get_mut(&*cell.cell_id) else {
+        return;
+    };
+    for t in &stats.tasks {
+        let sample = vigil_timing::GuestTaskSample {
+            started: t.started,
+            stopped: t.stopped,
+            errors: t.errors,
+            last_duration_ns: t.last_duration_ns,
+        };
+        if let Err(e) = group.apply_sample(&t.task, sample, now) {
+            tracing::debug!("cell {}: {e}", cell.cell_id);
+        }
+    }
+}
 
 /// The journal's input for one received chunk: host stamps (cell and run from the accepting
 /// socket, receive time) beside the guest's fields and claims.
@@ -706,7 +830,7 @@ fn to_events(
         .events
         .iter()
         .map(|e| vigil_journal::EventIn {
-            token: token(batch.conn),
+            token: batch.conn.token(),
             cell_id: Arc::clone(&batch.cell.cell_id),
             run_id: Arc::clone(&batch.cell.run_id),
             stream_id: Some(Arc::clone(&batch.stream_id)),
@@ -770,6 +894,10 @@ async fn control(
         }
     });
     settle(&mut state, &mut applier, start_effects);
+    let initial: Vec<CellConfig> = state.registry.iter().cloned().collect();
+    for c in &initial {
+        applier.start_probes(c);
+    }
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut next_id: reducer::RequestId = 0;
     reducer_slot.start(sys::monotonic_ns());
@@ -838,4 +966,37 @@ fn silence_record(dir: &std::path::Path) -> SilenceRecord {
     }
     record.awaiting_resume = record.fired.difference(&resumed).cloned().collect();
     record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_executor_stats_land_in_the_cells_task_slots_and_a_new_run_re_registers() {
+        let table = vigil_timing::SlotTable::new(64).unwrap();
+        let mut groups = HashMap::new();
+        let cell = |run: &str| vigil_drain::CellInfo {
+            index: 0,
+            cell_id: "c".into(),
+            run_id: run.into(),
+        };
+        let stats = |started| vigil_wire::pb::ExecutorStats {
+            tasks: vec![vigil_wire::pb::TaskSample {
+                task: "worker".into(),
+                started,
+                stopped: started,
+                errors: 0,
+                last_duration_ns: 2_000,
+            }],
+        };
+        guest_tasks(&table, &mut groups, &cell("r1"), &stats(3));
+        guest_tasks(&table, &mut groups, &cell("r1"), &stats(5));
+        let snap = table.snapshot_by_name("cell/c/worker").unwrap();
+        assert_eq!(snap.starts, 5, "{snap:?}");
+        // A new run starts its own group (the old one's slots are freed).
+        guest_tasks(&table, &mut groups, &cell("r2"), &stats(1));
+        assert_eq!(table.snapshot_by_name("cell/c/worker").unwrap().starts, 1);
+        assert_eq!(groups.len(), 1);
+    }
 }

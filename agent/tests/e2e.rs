@@ -447,3 +447,143 @@ fn kill_switch_allows_denies_holds_and_survives_a_restart() {
         "{kinds:?}"
     );
 }
+
+/// Signals from the upstream control plane: a real `nats-server -js`; a terminate published
+/// to `vigil.control.<host>` denies the op's next query. Skips (saying so) without the binary
+/// (`cargo xtask test` installs it; CI fails a skip).
+#[test]
+fn upstream_signals_through_a_real_nats_server() {
+    let Some(bin) = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+    else {
+        println!("SKIPPED upstream_signals_through_a_real_nats_server: nats-server not installed");
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "CI must have nats-server"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut nats = Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.join("nats"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("nats://127.0.0.1:{port}");
+    config(dir, &format!("[control]\nnats_url = \"{url}\"\n[[cell]]\ncell_id = \"k\"\nrun_id = \"r1\"\nuds_path = \"{}/k.vsock\"\n", dir.display()));
+    let sock = dir.join("k.vsock_7000");
+    let d = Daemon::start(dir);
+    assert_eq!(ask(&sock, "t9:s9:exec", 2_000), vec!["ALLOW"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(url.as_str()).await.unwrap();
+        let signal = vigil_wire::pb::ControlSignal {
+            cell_id: "k".into(),
+            run_id: String::new(),
+            op_id: "t9:s9".into(),
+            signal: vigil_wire::pb::control_signal::Signal::Terminate as i32,
+            issuer: "e2e".into(),
+        };
+        vigil_opcontrol::upstream::ensure_stream(&client)
+            .await
+            .unwrap();
+        vigil_opcontrol::upstream::publish_signal(&client, "e2e", &signal)
+            .await
+            .unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if ask(&sock, "t9:s9:exec", 2_000) == vec!["DENY"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream terminate never took effect"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    d.stop();
+    let applied = tail(dir, Some("dev.vigil.opcontrol.v1.signal_applied"));
+    assert!(
+        applied
+            .iter()
+            .any(|e| e["data"]["source"] == "upstream:e2e"),
+        "{applied:?}"
+    );
+    let _ = nats.kill();
+    let _ = nats.wait();
+}
+
+/// Host probes declared for a cell run when the cell registers: topology first, then the
+/// first observation and the first failure, as signed, journaled events.
+#[test]
+fn host_probes_emit_topology_then_results_into_the_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("ready"), "ready\n").unwrap();
+    std::fs::write(
+        dir.join("probes.toml"),
+        format!(
+            "[[probe]]\nname = \"ready-file\"\nkind = \"file\"\npath = \"{}/ready\"\ncontains = \"ready\"\nrun_once = true\n\n[[probe]]\nname = \"always-fails\"\nkind = \"exec\"\ncommand = [\"/bin/false\"]\nrun_once = true\nmode = \"observe\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    config(dir, &format!("[[cell]]\ncell_id = \"p\"\nrun_id = \"r1\"\nuds_path = \"{d}/p.vsock\"\nprobes = \"{d}/probes.toml\"\n", d = dir.display()));
+    let d = Daemon::start(dir);
+    std::thread::sleep(Duration::from_millis(1_500));
+    d.stop();
+    verify(dir);
+    let events: Vec<serde_json::Value> = tail(dir, None)
+        .into_iter()
+        .filter(|e| {
+            e["type"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("dev.vigil.probe.v1.")
+        })
+        .collect();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types.first(),
+        Some(&"dev.vigil.probe.v1.topology_declared"),
+        "{types:?}"
+    );
+    assert!(
+        types.contains(&"dev.vigil.probe.v1.observed_first"),
+        "{types:?}"
+    );
+    assert!(types.contains(&"dev.vigil.probe.v1.result"), "{types:?}");
+    assert!(events
+        .iter()
+        .all(|e| e["cellid"] == "p" && e["runid"] == "r1"));
+    let failed: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| {
+            e["data"].to_string().contains("always-fails")
+                && e["type"] == "dev.vigil.probe.v1.result"
+        })
+        .collect();
+    assert!(
+        failed.iter().all(|e| e["data"]["status"] == "fail"),
+        "{failed:?}"
+    );
+}

@@ -409,6 +409,43 @@ struct Drain {
     released: Vec<crate::policy::GateRelease>,
 }
 
+/// Tells a refused guest why in one `Error` frame before its connection is closed. The
+/// socket is new and its send buffer empty, so a non-blocking send of a few dozen bytes goes
+/// through; if it does not, the guest only sees the close (nothing else depends on it).
+fn send_refusal(fd: &OwnedFd, reason: RejectReason) {
+    let (code, message) = match reason {
+        RejectReason::UnregisteredCid => (
+            pb::error::Code::Unregistered,
+            "this guest's CID is not registered with vigil on this host",
+        ),
+        RejectReason::TooManyConnections => (
+            pb::error::Code::ShuttingDown,
+            "vigil has too many open guest connections; try again later",
+        ),
+        RejectReason::NoPeerAddress => (
+            pb::error::Code::Unregistered,
+            "vigil could not read this connection's peer address",
+        ),
+    };
+    let frame = pb::HostFrame {
+        kind: Some(pb::host_frame::Kind::Error(pb::Error {
+            code: code as i32,
+            message: message.to_owned(),
+        })),
+    };
+    let mut buf = Vec::new();
+    vigil_wire::frame::encode_host_frame(&frame, &mut buf);
+    // SAFETY: `fd` is an open socket we own; `buf` is valid for `buf.len()` bytes for the call.
+    let _ = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+}
+
 fn build_ring() -> Result<IoUring, DrainError> {
     let mut builder = IoUring::builder();
     builder
@@ -816,6 +853,7 @@ impl Drain {
             }
             Ok(cell) => cell,
             Err((reason, peer)) => {
+                send_refusal(&fd, reason);
                 self.reject(reason, peer, now);
                 return;
             }
