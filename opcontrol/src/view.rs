@@ -567,6 +567,13 @@ mod tests {
     #[test]
     fn a_full_ring_blocks_the_publisher_and_loses_nothing() {
         let (p, r) = update_channel();
+        // The publisher calls the waker after each publish and once more, before blocking,
+        // when it finds the ring full: counting calls tells when it has hit the full ring.
+        let woken = Arc::new(AtomicU64::new(0));
+        let w = Arc::clone(&woken);
+        let p = p.with_waker(Arc::new(move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        }));
         let mut v = DrainView::new(r);
         let total = UPDATE_RING_CAPACITY + 500;
         let publisher = std::thread::spawn(move || {
@@ -584,10 +591,11 @@ mod tests {
             }
             s.stats()
         });
-        // Let the ring fill before draining.
-        while v.pending() < UPDATE_RING_CAPACITY {
+        // Let the publisher fill the ring and find it full before draining.
+        while woken.load(Ordering::SeqCst) <= UPDATE_RING_CAPACITY as u64 {
             std::thread::yield_now();
         }
+        assert_eq!(v.pending(), UPDATE_RING_CAPACITY);
         let mut applied = 0;
         let mut out = Vec::new();
         while applied < total + 2 {
