@@ -106,6 +106,8 @@ pub struct Journal {
     pub segment_bytes: u64,
     /// Delete the oldest whole segments beyond this total (0 = keep everything).
     pub retention_bytes: u64,
+    /// Delete whole segments older than this many hours (0 = keep everything).
+    pub retention_hours: u64,
     /// Host key path (ed25519, created on first start; public key at `<path>.pub`). Empty =
     /// `<state_dir>/host.key`.
     pub key_path: PathBuf,
@@ -213,6 +215,7 @@ impl Default for Journal {
             sink: "journal".into(),
             segment_bytes: 64 * 1024 * 1024,
             retention_bytes: 0,
+            retention_hours: 0,
             key_path: PathBuf::new(),
         }
     }

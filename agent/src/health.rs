@@ -148,7 +148,18 @@ impl vigil_health::model::HealthSource for Source {
                     },
                     silence_class: v.silence_class.map(str::to_string),
                     holds: 0,
-                    tasks: Vec::new(),
+                    // The guest's own executor tasks (slots named "cell/<id>/<task>").
+                    tasks: table
+                        .slots
+                        .iter()
+                        .filter(|s| {
+                            s.name
+                                .strip_prefix("cell/")
+                                .and_then(|r| r.strip_prefix(id.as_str()))
+                                .is_some_and(|r| r.starts_with('/'))
+                        })
+                        .map(vigil_health::model::TaskView::from)
+                        .collect(),
                 }
             })
             .collect();

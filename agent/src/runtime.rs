@@ -265,8 +265,14 @@ impl Applier {
     /// Reads, for cells whose deadline came, the last-frame stamp (atomics the drain writes),
     /// the kernel's per-peer table (once for all of them), and the drain's last loop run.
     fn gather(&self, cells: Vec<(String, Option<u32>)>, follow_up: &mut Vec<Event>) {
+        let started = std::time::Instant::now();
         let rows = self.probes.as_ref().and_then(|p| match p.peers() {
-            Ok(rows) => Some(rows),
+            Ok(rows) => {
+                self.health
+                    .metrics
+                    .observe_ebpf_read(rows.len() as u64, started.elapsed());
+                Some(rows)
+            }
             Err(e) => {
                 tracing::warn!("reading the kernel's per-peer table failed: {e}");
                 None
@@ -668,6 +674,9 @@ fn journal_config(cfg: &Config) -> vigil_journal::JournalConfig {
         },
         segment_bytes: cfg.journal.segment_bytes,
         retention_bytes: (cfg.journal.retention_bytes > 0).then_some(cfg.journal.retention_bytes),
+        retention_age: (cfg.journal.retention_hours > 0).then(|| {
+            std::time::Duration::from_secs(cfg.journal.retention_hours.saturating_mul(3_600))
+        }),
         ..vigil_journal::JournalConfig::new(cfg.journal.dir.clone(), cfg.host_name())
     }
 }

@@ -587,3 +587,52 @@ fn host_probes_emit_topology_then_results_into_the_journal() {
         "{failed:?}"
     );
 }
+
+/// The stdout sink: CloudEvent JSON lines on vigil's standard output, acked after the write,
+/// for piping into other tools.
+#[test]
+fn stdout_sink_prints_cloudevents_and_acks_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    config(
+        dir,
+        &format!(
+            "[[cell]]\ncell_id = \"s\"\nrun_id = \"r1\"\nuds_path = \"{}/s.vsock\"\n",
+            dir.display()
+        ),
+    );
+    let cfg = std::fs::read_to_string(dir.join("vigil.toml"))
+        .unwrap()
+        .replace("[journal]\n", "[journal]\nsink = \"stdout\"\n");
+    std::fs::write(dir.join("vigil.toml"), cfg).unwrap();
+    let child = Command::new(VIGIL)
+        .args(["run", "--config"])
+        .arg(dir.join("vigil.toml"))
+        .env("VIGIL_LOG", "warn")
+        .stdout(std::fs::File::create(dir.join("events.jsonl")).unwrap())
+        .stderr(std::fs::File::create(dir.join("vigil.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let d = Daemon {
+        child,
+        dir: dir.to_path_buf(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ctl(dir, &["ping"]).0 {
+        assert!(Instant::now() < deadline, "vigil did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = emit(&dir.join("s.vsock_7000"), "out", 50, &[]);
+    assert_eq!(r["acked_through"], 50, "{r}");
+    d.stop();
+    let text = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["streamid"] == "out")
+        .collect();
+    assert_eq!(events.len(), 50);
+    assert!(events
+        .iter()
+        .all(|e| e["specversion"] == "1.0" && e["cellid"] == "s"));
+}
