@@ -570,9 +570,9 @@ mod tests {
         // The publisher calls the waker after each publish and once more, before blocking,
         // when it finds the ring full: counting calls tells when it has hit the full ring.
         let woken = Arc::new(AtomicU64::new(0));
-        let w = Arc::clone(&woken);
+        let calls = Arc::clone(&woken);
         let p = p.with_waker(Arc::new(move || {
-            w.fetch_add(1, Ordering::SeqCst);
+            calls.fetch_add(1, Ordering::SeqCst);
         }));
         let mut v = DrainView::new(r);
         let total = UPDATE_RING_CAPACITY + 500;
