@@ -143,13 +143,24 @@ impl BootOutcome {
 /// Boots once, streaming the console; kills QEMU at the timeout.
 pub fn boot_once(cfg: &BootConfig) -> Result<BootOutcome, QemuError> {
     let started = Instant::now();
-    let mut child = Command::new(&cfg.qemu)
-        .args(qemu_args(cfg))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(QemuError::Spawn)?;
+    // A just-written executable can be busy (ETXTBSY) for a moment while another thread's
+    // fork still holds a descriptor to it; retry briefly rather than fail the boot.
+    let mut attempts = 0;
+    let mut child = loop {
+        let spawned = Command::new(&cfg.qemu)
+            .args(qemu_args(cfg))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        match spawned {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempts < 20 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            other => break other.map_err(QemuError::Spawn)?,
+        }
+    };
     let (tx, rx) = mpsc::channel::<String>();
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
