@@ -206,7 +206,12 @@ pub fn boot_once(cfg: &BootConfig) -> Result<BootOutcome, QemuError> {
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    let status = finish(&mut child, timed_out || done_at.is_some())?;
+    let grace = if timed_out {
+        Duration::ZERO
+    } else {
+        EXIT_GRACE
+    };
+    let status = finish(&mut child, timed_out || done_at.is_some(), grace)?;
     for r in readers {
         let _ = r.join();
     }
@@ -219,11 +224,26 @@ pub fn boot_once(cfg: &BootConfig) -> Result<BootOutcome, QemuError> {
     })
 }
 
+/// How long a QEMU that printed its last line gets to exit on its own before it is killed
+/// (its console closing comes a moment before the process is reapable).
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
 /// Reaps QEMU, killing it first when it may still run.
-fn finish(child: &mut Child, may_run: bool) -> Result<Option<ExitStatus>, QemuError> {
+fn finish(
+    child: &mut Child,
+    may_run: bool,
+    grace: Duration,
+) -> Result<Option<ExitStatus>, QemuError> {
     if may_run {
-        if let Some(st) = child.try_wait().map_err(QemuError::Wait)? {
-            return Ok(Some(st));
+        let until = Instant::now() + grace;
+        loop {
+            if let Some(st) = child.try_wait().map_err(QemuError::Wait)? {
+                return Ok(Some(st));
+            }
+            if Instant::now() >= until {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         let _ = child.kill();
         child.wait().map_err(QemuError::Wait)?;
