@@ -10,7 +10,7 @@ use vigil_wire::frame::{FeedError, FrameDecoder, FrameError, GuestFrameView};
 use vigil_wire::pb;
 
 use crate::cell::{CellInfo, CellSlot};
-use crate::output::{ConnId, DrainOutput, GuestBatch, GuestEvent};
+use crate::output::{ConnId, DrainOutput, GuestBatch};
 use crate::stats::{CloseReason, DrainStats};
 
 /// Reason sent with the DENY of an inline-answered policy query.
@@ -143,7 +143,7 @@ pub fn process_chunk(
     pending: &mut VecDeque<DrainOutput>,
     send_queue: &mut Vec<u8>,
 ) -> Option<Violation> {
-    let mut events: Vec<GuestEvent> = Vec::new();
+    let mut events = crate::output::EventBuilder::default();
     let mut heartbeats = 0u32;
     let mut frames = 0u64;
     let Session {
@@ -158,17 +158,15 @@ pub fn process_chunk(
         frames += 1;
         match view {
             GuestFrameView::Event(e) => {
-                if events.capacity() == 0 {
-                    events.reserve(data.len() / EVENT_BYTES_GUESS + 1);
-                }
-                events.push(GuestEvent::new(
+                events.reserve(data.len(), data.len() / EVENT_BYTES_GUESS + 1);
+                events.push(
                     e.guest_seq,
                     e.event_type,
                     e.op_id,
                     e.content_type,
                     e.payload,
                     e.guest_time_unix_nano,
-                ));
+                );
             }
             GuestFrameView::Heartbeat(_) => heartbeats += 1,
             GuestFrameView::Hello(h) => {
@@ -276,7 +274,7 @@ fn flush_events(
     cell: &Arc<CellInfo>,
     stream_id: &Arc<str>,
     now: u64,
-    events: &mut Vec<GuestEvent>,
+    events: &mut crate::output::EventBuilder,
     heartbeats: &mut u32,
 ) {
     if events.is_empty() {
@@ -288,7 +286,7 @@ fn flush_events(
         stream_id: Arc::clone(stream_id),
         received_mono_ns: now,
         heartbeats: std::mem::take(heartbeats),
-        events: std::mem::take(events),
+        events: events.take(),
         credit: None,
     }));
 }
