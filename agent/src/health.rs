@@ -206,6 +206,11 @@ impl vigil_health::model::HealthSource for Source {
             self.metrics.events_journaled(written.saturating_sub(*seen));
             *seen = written;
         }
+        let mut fsyncs = Vec::new();
+        self.journal.take_fsync_samples(&mut fsyncs);
+        for took in fsyncs {
+            self.metrics.observe_fsync(took);
+        }
         self.metrics.set_degraded(self.journal.is_degraded());
         self.metrics.render()
     }

@@ -636,3 +636,63 @@ fn stdout_sink_prints_cloudevents_and_acks_them() {
         .iter()
         .all(|e| e["specversion"] == "1.0" && e["cellid"] == "s"));
 }
+
+/// `/metrics` and `/healthz` of a running daemon: frames counted per cell, and the journal's
+/// fsync latencies in the histogram after events were made durable.
+#[test]
+fn metrics_count_frames_and_journal_fsyncs() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    config(
+        dir,
+        &format!(
+            "[[cell]]\ncell_id = \"m\"\nrun_id = \"r1\"\nuds_path = \"{}/m.vsock\"\n",
+            dir.display()
+        ),
+    );
+    let cfg = std::fs::read_to_string(dir.join("vigil.toml"))
+        .unwrap()
+        .replace("addr = \"\"", &format!("addr = \"127.0.0.1:{port}\""));
+    std::fs::write(dir.join("vigil.toml"), cfg).unwrap();
+    let d = Daemon::start(dir);
+    assert_eq!(
+        emit(&dir.join("m.vsock_7000"), "s", 500, &[])["acked_through"],
+        500
+    );
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    assert!(get("/healthz").contains("\"ready\""));
+    let metrics = get("/metrics");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        value("vigil_frames_received_total{cell=\"m\"}") >= 500.0,
+        "{metrics}"
+    );
+    assert!(
+        value("vigil_journal_fsync_seconds_count") >= 1.0,
+        "{metrics}"
+    );
+    d.stop();
+}

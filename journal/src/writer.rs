@@ -157,9 +157,41 @@ pub enum JournalError {
     Unwritten { events: usize, reason: String },
 }
 
+/// fsync durations waiting for the metrics reader. A reader renders every few seconds and the
+/// journal fsyncs at most a few thousand times a second; 4,096 samples cover a slow scrape.
+/// When full, new samples are dropped and counted (a histogram may lose samples; the journal
+/// never waits for a reader).
+pub const FSYNC_SAMPLES_CAPACITY: usize = 4_096;
+
+/// The journal's fsync latencies (microseconds), lock-free from writer to reader.
+pub struct FsyncSamples {
+    queue: crossbeam_queue::ArrayQueue<u32>,
+    /// Samples dropped because the reader was behind.
+    pub dropped: AtomicU64,
+}
+
+impl Default for FsyncSamples {
+    fn default() -> Self {
+        Self {
+            queue: crossbeam_queue::ArrayQueue::new(FSYNC_SAMPLES_CAPACITY),
+            dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+impl std::fmt::Debug for FsyncSamples {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsyncSamples")
+            .field("queued", &self.queue.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Health and counters, shared with readers (status, metrics).
 #[derive(Debug, Default)]
 pub struct JournalHealth {
+    /// fsync durations for the metrics reader (see [`JournalHealth::take_fsync_samples`]).
+    pub fsync_samples: FsyncSamples,
     degraded: AtomicBool,
     reason: Mutex<String>,
     pub events_written: AtomicU64,
@@ -194,6 +226,20 @@ impl JournalHealth {
 
     fn recover(&self) {
         self.degraded.store(false, Ordering::Release);
+    }
+
+    fn record_fsync(&self, took: Duration) {
+        let micros = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
+        if self.fsync_samples.queue.push(micros).is_err() {
+            self.fsync_samples.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Moves the fsync durations recorded since the last call into `out`.
+    pub fn take_fsync_samples(&self, out: &mut Vec<Duration>) {
+        while let Some(us) = self.fsync_samples.queue.pop() {
+            out.push(Duration::from_micros(u64::from(us)));
+        }
     }
 }
 
@@ -456,7 +502,10 @@ impl SegmentOut {
         let start = self.len;
         let res = self.file.write_all_at(buf, start).and_then(|()| {
             if self.fsync {
-                self.file.sync_data()
+                let started = std::time::Instant::now();
+                let r = self.file.sync_data();
+                health.record_fsync(started.elapsed());
+                r
             } else {
                 Ok(())
             }
