@@ -16,10 +16,17 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
+        Self::start_with_stdout(dir, Stdio::inherit())
+    }
+
+    /// Starts `vigil run` on `dir/vigil.toml`, its stdout going to `stdout`, and waits until
+    /// it answers on its admin socket.
+    fn start_with_stdout(dir: &Path, stdout: Stdio) -> Daemon {
         let child = Command::new(VIGIL)
             .args(["run", "--config"])
             .arg(dir.join("vigil.toml"))
             .env("VIGIL_LOG", "warn")
+            .stdout(stdout)
             .stderr(std::fs::File::create(dir.join("vigil.log")).unwrap())
             .spawn()
             .expect("start vigil run");
@@ -82,6 +89,23 @@ fn config(dir: &Path, cells: &str) {
         d = dir.display()
     );
     std::fs::write(dir.join("vigil.toml"), cfg).unwrap();
+}
+
+/// A config with one hybrid cell `id` (run `r1`, more cell keys in `cell_keys`); returns the
+/// guest-side socket path (`<uds_path>_7000`) an emitter connects to.
+fn one_cell(dir: &Path, id: &str, cell_keys: &str) -> PathBuf {
+    config(
+        dir,
+        &format!("[[cell]]\ncell_id = \"{id}\"\nrun_id = \"r1\"\nuds_path = \"{}/{id}.vsock\"\n{cell_keys}", dir.display()),
+    );
+    dir.join(format!("{id}.vsock_7000"))
+}
+
+/// Replaces `from` with `to` in the written config (for one-off settings).
+fn patch_config(dir: &Path, from: &str, to: &str) {
+    let cfg = std::fs::read_to_string(dir.join("vigil.toml")).unwrap();
+    assert!(cfg.contains(from), "{from:?} not in the config");
+    std::fs::write(dir.join("vigil.toml"), cfg.replace(from, to)).unwrap();
 }
 
 fn emit(path: &Path, stream: &str, count: u64, extra: &[&str]) -> serde_json::Value {
@@ -211,8 +235,7 @@ fn silence_fires_once_per_run_across_a_restart_and_resumes() {
     const RESUMED: &str = "dev.vigil.cell.observability.v1.guest.agent_resumed";
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    config(dir, &format!("[[cell]]\ncell_id = \"quiet\"\nrun_id = \"r1\"\nuds_path = \"{}/quiet.vsock\"\nkeepalive_ms = 500\n", dir.display()));
-    let sock = dir.join("quiet.vsock_7000");
+    let sock = one_cell(dir, "quiet", "keepalive_ms = 500\n");
     let d = Daemon::start(dir);
     assert_eq!(emit(&sock, "s", 10, &[])["acked_through"], 10);
     std::thread::sleep(Duration::from_millis(1_500));
@@ -320,10 +343,9 @@ fn a_stalled_receiver_is_blamed_on_the_host_not_the_guest() {
     const SILENCED: &str = "dev.vigil.cell.observability.v1.guest.agent_silenced";
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    config(dir, &format!("[[cell]]\ncell_id = \"busy\"\nrun_id = \"r1\"\nuds_path = \"{}/busy.vsock\"\nkeepalive_ms = 500\n", dir.display()));
+    let sock = one_cell(dir, "busy", "keepalive_ms = 500\n");
     let d = Daemon::start(dir);
     // The guest keeps sending (100 events/s for 3 s) while the drain thread is stalled.
-    let sock = dir.join("busy.vsock_7000");
     let emitter =
         std::thread::spawn(move || emit(&sock, "s", 300, &["--rate", "100", "--batch", "1"]));
     std::thread::sleep(Duration::from_millis(300));
@@ -372,14 +394,7 @@ fn ask(path: &Path, op_action: &str, timeout_ms: u64) -> Vec<String> {
 fn kill_switch_allows_denies_holds_and_survives_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    config(
-        dir,
-        &format!(
-            "[[cell]]\ncell_id = \"k\"\nrun_id = \"r1\"\nuds_path = \"{}/k.vsock\"\n",
-            dir.display()
-        ),
-    );
-    let sock = dir.join("k.vsock_7000");
+    let sock = one_cell(dir, "k", "");
     let d = Daemon::start(dir);
     assert_eq!(ask(&sock, "t1:s1:exec", 2_000), vec!["ALLOW"]);
     assert_eq!(
@@ -485,8 +500,12 @@ fn upstream_signals_through_a_real_nats_server() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let url = format!("nats://127.0.0.1:{port}");
-    config(dir, &format!("[control]\nnats_url = \"{url}\"\n[[cell]]\ncell_id = \"k\"\nrun_id = \"r1\"\nuds_path = \"{}/k.vsock\"\n", dir.display()));
-    let sock = dir.join("k.vsock_7000");
+    let sock = one_cell(dir, "k", "");
+    patch_config(
+        dir,
+        "[http]\n",
+        &format!("[control]\nnats_url = \"{url}\"\n[http]\n"),
+    );
     let d = Daemon::start(dir);
     assert_eq!(ask(&sock, "t9:s9:exec", 2_000), vec!["ALLOW"]);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -547,7 +566,11 @@ fn host_probes_emit_topology_then_results_into_the_journal() {
         ),
     )
     .unwrap();
-    config(dir, &format!("[[cell]]\ncell_id = \"p\"\nrun_id = \"r1\"\nuds_path = \"{d}/p.vsock\"\nprobes = \"{d}/probes.toml\"\n", d = dir.display()));
+    one_cell(
+        dir,
+        "p",
+        &format!("probes = \"{}/probes.toml\"\n", dir.display()),
+    );
     let d = Daemon::start(dir);
     std::thread::sleep(Duration::from_millis(1_500));
     d.stop();
@@ -594,35 +617,11 @@ fn host_probes_emit_topology_then_results_into_the_journal() {
 fn stdout_sink_prints_cloudevents_and_acks_them() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    config(
-        dir,
-        &format!(
-            "[[cell]]\ncell_id = \"s\"\nrun_id = \"r1\"\nuds_path = \"{}/s.vsock\"\n",
-            dir.display()
-        ),
-    );
-    let cfg = std::fs::read_to_string(dir.join("vigil.toml"))
-        .unwrap()
-        .replace("[journal]\n", "[journal]\nsink = \"stdout\"\n");
-    std::fs::write(dir.join("vigil.toml"), cfg).unwrap();
-    let child = Command::new(VIGIL)
-        .args(["run", "--config"])
-        .arg(dir.join("vigil.toml"))
-        .env("VIGIL_LOG", "warn")
-        .stdout(std::fs::File::create(dir.join("events.jsonl")).unwrap())
-        .stderr(std::fs::File::create(dir.join("vigil.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let d = Daemon {
-        child,
-        dir: dir.to_path_buf(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ctl(dir, &["ping"]).0 {
-        assert!(Instant::now() < deadline, "vigil did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let r = emit(&dir.join("s.vsock_7000"), "out", 50, &[]);
+    let sock = one_cell(dir, "s", "");
+    patch_config(dir, "[journal]\n", "[journal]\nsink = \"stdout\"\n");
+    let events_file = std::fs::File::create(dir.join("events.jsonl")).unwrap();
+    let d = Daemon::start_with_stdout(dir, events_file.into());
+    let r = emit(&sock, "out", 50, &[]);
     assert_eq!(r["acked_through"], 50, "{r}");
     d.stop();
     let text = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
@@ -649,22 +648,10 @@ fn metrics_count_frames_and_journal_fsyncs() {
         .local_addr()
         .unwrap()
         .port();
-    config(
-        dir,
-        &format!(
-            "[[cell]]\ncell_id = \"m\"\nrun_id = \"r1\"\nuds_path = \"{}/m.vsock\"\n",
-            dir.display()
-        ),
-    );
-    let cfg = std::fs::read_to_string(dir.join("vigil.toml"))
-        .unwrap()
-        .replace("addr = \"\"", &format!("addr = \"127.0.0.1:{port}\""));
-    std::fs::write(dir.join("vigil.toml"), cfg).unwrap();
+    let sock = one_cell(dir, "m", "");
+    patch_config(dir, "addr = \"\"", &format!("addr = \"127.0.0.1:{port}\""));
     let d = Daemon::start(dir);
-    assert_eq!(
-        emit(&dir.join("m.vsock_7000"), "s", 500, &[])["acked_through"],
-        500
-    );
+    assert_eq!(emit(&sock, "s", 500, &[])["acked_through"], 500);
     let get = |path: &str| {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         write!(
